@@ -1,0 +1,52 @@
+"""Shared helpers: tiny generated data sets, so no test touches the network or the real CIFAR-10."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scan_cifar10.py")
+
+
+def class_image(class_id, index, size=32):
+    """A small RGB image whose colour says its class, with a little per-image noise."""
+    rng = np.random.default_rng(class_id * 1000 + index)
+    colour = np.array([(class_id * 97) % 256, (class_id * 53 + 80) % 256, (class_id * 31 + 160) % 256])
+    image = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255)
+    return image.astype(np.uint8)
+
+
+def make_image_folder(root, num_classes=3, per_class=8, size=32, labelled=True):
+    """Writes `num_classes * per_class` PNG images, in class sub-folders when `labelled`."""
+    for class_id in range(num_classes):
+        folder = os.path.join(root, f"class_{class_id}") if labelled else root
+        os.makedirs(folder, exist_ok=True)
+        for index in range(per_class):
+            Image.fromarray(class_image(class_id, index, size)).save(
+                os.path.join(folder, f"c{class_id}_{index:03d}.png")
+            )
+    return str(root)
+
+
+def write_cifar_batch(path, images_chw, labels):
+    """Writes one python-pickle CIFAR-10 batch: data [n, 3072] uint8 in CHW order, labels a list."""
+    with open(path, "wb") as file:
+        pickle.dump({b"data": images_chw.reshape(len(images_chw), -1), b"labels": list(labels)}, file)
+
+
+def run_script(args, cwd, backend="tensorflow", timeout=600, env=None):
+    """Runs scan_cifar10.py as a user would; returns the CompletedProcess."""
+    environment = {**os.environ, "KERAS_BACKEND": backend, "https_proxy": "http://127.0.0.1:9", **(env or {})}
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")

@@ -1,0 +1,137 @@
+"""Each data source on tiny generated files."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import scan_cifar10 as scan
+from conftest import class_image, make_image_folder, write_cifar_batch
+
+
+def test_cifar10_download_path_concatenates_train_and_test(monkeypatch):
+    x_train = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    x_test = np.random.default_rng(1).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    y_train, y_test = np.arange(6).reshape(-1, 1), np.array([[9], [8], [7], [6]])
+    monkeypatch.setattr(scan.keras.datasets.cifar10, "load_data", lambda: ((x_train, y_train), (x_test, y_test)))
+    dataset = scan.load_dataset("cifar10", input_size=32, max_images=0, seed=0)
+    np.testing.assert_array_equal(dataset.images, np.concatenate([x_train, x_test]))
+    assert dataset.labels.tolist() == [0, 1, 2, 3, 4, 5, 9, 8, 7, 6]
+    assert dataset.class_names[0] == "airplane" and dataset.class_names[9] == "truck"
+
+
+def test_failed_download_says_how_to_use_local_files(monkeypatch):
+    def offline():
+        raise Exception(
+            "URL fetch failure on https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: None -- [Errno -2]"
+        )
+
+    monkeypatch.setattr(scan.keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(
+        scan.UsageError, match=r"could not download CIFAR-10 \(URL fetch failure.*--data=path/to/cifar-10-batches-py"
+    ):
+        scan.load_dataset("cifar10", input_size=32, max_images=0, seed=0)
+
+
+def test_cifar10_batches_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    batches = {
+        name: rng.integers(0, 255, (n, 3, 32, 32), dtype=np.uint8)
+        for name, n in [("data_batch_1", 5), ("data_batch_2", 3), ("test_batch", 2)]
+    }
+    labels = {"data_batch_1": [0, 1, 2, 3, 4], "data_batch_2": [5, 6, 7], "test_batch": [8, 9]}
+    for name, images in batches.items():
+        write_cifar_batch(tmp_path / name, images, labels[name])
+    dataset = scan.load_dataset(str(tmp_path), input_size=32, max_images=0, seed=0)
+    expected = np.concatenate([batches[name] for name in ["data_batch_1", "data_batch_2", "test_batch"]]).transpose(
+        0, 2, 3, 1
+    )
+    np.testing.assert_array_equal(dataset.images, expected)  # CHW batches become HWC images
+    assert dataset.labels.tolist() == list(range(10))
+    assert dataset.class_names == scan.CIFAR10_CLASSES
+
+
+def test_cifar10_batches_max_images_is_a_seeded_subset(tmp_path):
+    images = np.arange(20 * 3072, dtype=np.uint32).astype(np.uint8).reshape(20, 3, 32, 32)
+    write_cifar_batch(tmp_path / "data_batch_1", images, list(range(20)))
+    first = scan.load_dataset(str(tmp_path), input_size=32, max_images=7, seed=3)
+    again = scan.load_dataset(str(tmp_path), input_size=32, max_images=7, seed=3)
+    other = scan.load_dataset(str(tmp_path), input_size=32, max_images=7, seed=4)
+    assert len(first.labels) == 7 and len(set(first.labels.tolist())) == 7
+    assert first.labels.tolist() == again.labels.tolist() != other.labels.tolist()
+    np.testing.assert_array_equal(
+        first.images, images.transpose(0, 2, 3, 1)[first.labels]
+    )  # labels are the indices here
+
+
+def test_image_folder_with_mixed_formats_modes_sizes_and_a_corrupt_file(tmp_path, capsys):
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.fromarray(class_image(0, 0)).save(root / "cat" / "a.png")
+    Image.fromarray(class_image(0, 1, size=50)).save(
+        root / "cat" / "b.JPG", quality=95
+    )  # odd size, upper-case extension
+    Image.fromarray(class_image(0, 2)[:, :, 0]).save(root / "cat" / "c.bmp")  # grayscale
+    Image.fromarray(np.dstack([class_image(1, 0, size=17), np.full((17, 17), 128, np.uint8)])).save(
+        root / "dog" / "d.png"
+    )  # RGBA, odd size
+    Image.fromarray(class_image(1, 1, size=40)).save(root / "dog" / "e.webp")
+    Image.fromarray(class_image(1, 2)).save(root / "dog" / "f.gif")
+    (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    dataset = scan.load_dataset(str(root), input_size=32, max_images=0, seed=0)
+    assert dataset.images.shape == (6, 32, 32, 3) and dataset.images.dtype == np.uint8
+    assert dataset.class_names == ["cat", "dog"]
+    assert dataset.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(dataset.images[0], class_image(0, 0))  # a 32x32 PNG is loaded unchanged
+    gray = dataset.images[2]
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()  # grayscale -> RGB
+    warning = capsys.readouterr().out
+    assert "warning: skipped 1 unreadable image files of 7 (dog/broken.jpg)" in warning
+
+
+def test_flat_image_folder_has_no_labels(tmp_path):
+    root = make_image_folder(tmp_path / "flat", num_classes=2, per_class=3, labelled=False)
+    dataset = scan.load_dataset(root, input_size=16, max_images=0, seed=0)
+    assert dataset.images.shape == (6, 16, 16, 3)
+    assert dataset.labels is None and dataset.class_names is None
+
+
+def test_image_folder_max_images(tmp_path):
+    root = make_image_folder(tmp_path / "images", num_classes=3, per_class=5)
+    dataset = scan.load_dataset(root, input_size=32, max_images=4, seed=0)
+    assert dataset.images.shape == (4, 32, 32, 3) and len(dataset.labels) == 4
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "no such file or folder"),
+        (lambda root: root.mkdir(), "no .png/.jpg/.jpeg/.bmp/.gif/.webp files found"),
+        (lambda root: (root.mkdir(), (root / "x.png").write_bytes(b"junk")), "none of the 1 image files could be read"),
+    ],
+)
+def test_unusable_folders_raise_usage_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(scan.UsageError, match=message):
+        scan.load_dataset(str(root), input_size=32, max_images=0, seed=0)
+
+
+def test_images_at_uneven_depths_are_rejected(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "cat", num_classes=1, per_class=2, labelled=False)
+    make_image_folder(root / "dog" / "puppies", num_classes=1, per_class=2, labelled=False)
+    with pytest.raises(scan.UsageError, match="images sit at different folder depths"):
+        scan.load_dataset(str(root), input_size=32, max_images=0, seed=0)
+
+
+def test_truncated_cifar_batch_is_rejected(tmp_path):
+    write_cifar_batch(tmp_path / "data_batch_1", np.zeros((4, 3, 32, 32), np.uint8), [0, 1, 2, 3])
+    data = (tmp_path / "data_batch_1").read_bytes()
+    (tmp_path / "data_batch_1").write_bytes(data[: len(data) // 2])
+    with pytest.raises(scan.UsageError, match="data_batch_1 is truncated or not a CIFAR-10 batch"):
+        scan.load_dataset(str(tmp_path), input_size=32, max_images=0, seed=0)
+    assert os.path.exists(tmp_path / "data_batch_1")

@@ -1,0 +1,46 @@
+"""Neighbour mining against brute force; the majority-label report and prototypes on hand-made cases."""
+
+import numpy as np
+import pytest
+
+import scan_cifar10 as scan
+
+
+def brute_force_neighbours(features, k):
+    similarities = features @ features.T
+    np.fill_diagonal(similarities, -np.inf)  # self excluded
+    return np.argsort(-similarities, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("num_images, k, batch_size", [(37, 5, 8), (10, 9, 3), (64, 1, 64), (5, 2, 500)])
+def test_mining_matches_brute_force_for_every_image(num_images, k, batch_size):
+    features = np.random.default_rng(num_images).normal(size=(num_images, 16)).astype("float32")
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    actual = scan.mine_neighbours(features, k, batch_size)
+    assert actual.shape == (num_images, k)
+    np.testing.assert_array_equal(actual, brute_force_neighbours(features.astype("float64"), k))
+
+
+def test_mining_excludes_the_image_itself_even_with_duplicates():
+    # Rows 0 and 1 are identical: each must find the other, never itself.
+    features = np.array([[1, 0], [1, 0], [0.6, 0.8], [0, 1]], dtype="float32")
+    actual = scan.mine_neighbours(features, 2, 3)
+    assert actual[0, 0] == 1 and actual[1, 0] == 0
+    assert all(i not in row for i, row in enumerate(actual))
+
+
+def test_majority_label_report_on_a_hand_made_case():
+    # cluster 0: labels 1,1,2 -> label 1, 66.67 %; cluster 1: empty; cluster 2: labels 0,0,0,2 -> label 0, 75 %.
+    assignments = np.array([0, 0, 0, 2, 2, 2, 2])
+    labels = np.array([1, 1, 2, 0, 0, 0, 2])
+    report = scan.majority_label_report(assignments, labels, num_clusters=3, num_classes=3)
+    assert report["sizes"] == [3, 0, 4]
+    assert report["majority_labels"][0] == 1 and report["majority_labels"][2] == 0
+    assert report["accuracies"] == [66.67, 0.0, 75.0]
+    assert report["overall_accuracy"] == round(5 / 7 * 100, 2)
+
+
+def test_cluster_prototypes_are_the_most_confident_members():
+    assignments = np.array([1, 0, 1, 1, 0])
+    confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.95])
+    assert scan.cluster_prototypes(assignments, confidence, num_clusters=3, num_images=2) == [[4, 1], [2, 3], []]
