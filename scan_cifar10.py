@@ -17,7 +17,8 @@ Run:
     python scan_cifar10.py --help                           # every setting with its default
 
 Edit the constants below, or override any of them as `--name=value`. Figures and `metrics.json` land in
-OUTPUT_DIR. The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`.
+OUTPUT_DIR. Finished stages are cached there and interrupted training resumes: run the same command again.
+The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`.
 
 Measured (README.md has the full report): `--data=../shared/data/cifar10-train-jpeg --max_images=5000
 --representation_epochs=2 --clustering_epochs=2` ran in 4.5 minutes on a 2-core CPU (TensorFlow 2.21,
@@ -26,18 +27,30 @@ Keras 3.15) and reached 14.26 % overall majority-label accuracy; the tutorial's 
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from typing import NamedTuple
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TensorFlow's C++ start-up chatter out of the report.
 
-import keras  # noqa: E402  (the backend must be chosen before Keras is imported)
+try:
+    import keras  # noqa: E402  (the backend must be chosen before Keras is imported)
+except (ImportError, ValueError) as error:  # an unknown or uninstalled KERAS_BACKEND
+    if __name__ != "__main__":
+        raise
+    print(
+        f"error: KERAS_BACKEND={os.environ['KERAS_BACKEND']} cannot be used ({error}); set KERAS_BACKEND=tensorflow or jax",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
@@ -53,12 +66,14 @@ DATA = "cifar10"  # "cifar10" (Keras download, train+test), a cifar-10-batches-p
 MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many
 INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder images are resized to it
 SEED = 42  # seed for the subset, the weights and the augmentations
-OUTPUT_DIR = "outputs"  # figures and metrics.json are written here
+OUTPUT_DIR = "outputs"  # figures, metrics.json and the stage cache (OUTPUT_DIR/cache) are written here
+RESUME = True  # reuse finished stages and resume interrupted training; False recomputes everything
 
 # Preprocessing
 TARGET_SIZE = 32  # images are resized to this side inside the model; ResNet50V2 needs >= 32
 
 # Representation learning
+ENCODER = "resnet50v2"  # "resnet50v2" (the tutorial's) or "small" (a 4-layer CNN, about 50x cheaper)
 REPRESENTATION_DIM = 512  # dimensions of the feature vector the encoder outputs
 PROJECTION_UNITS = 128  # units of the projection head of the representation learner
 NUM_AUGMENTATIONS = 2  # augmented views per image in the contrastive loss (>= 2)
@@ -87,6 +102,21 @@ CLUSTERING_LEARNING_RATE = 0.0005  # AdamW learning rate of cluster learning
 PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototypes.png
 # --------------------------------------------------------------------------------------- end of settings
 
+# The settings each cached stage depends on; a stage's fingerprint also covers the data and every earlier stage.
+STAGE_SETTINGS = {
+    "representation": [
+        "seed", "encoder", "target_size", "representation_dim", "projection_units", "num_augmentations",
+        "temperature", "dropout_rate", "l2_normalize", "batch_size", "representation_epochs",
+        "representation_learning_rate", "learning_rate_decay_steps", "learning_rate_decay_alpha", "weight_decay",
+    ],
+    "embeddings": [],
+    "neighbours": ["k_neighbours"],
+    "clustering": [
+        "seed", "num_clusters", "tune_encoder_during_clustering", "entropy_loss_weight", "clustering_epochs",
+        "clustering_learning_rate", "weight_decay", "batch_size",
+    ],
+    "predictions": [],
+}  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -169,8 +199,13 @@ def validate_settings(settings):
         raise UsageError(f"--num_clusters={settings.num_clusters}: clustering needs at least 2 clusters")
     if settings.num_augmentations < 2:
         raise UsageError(f"--num_augmentations={settings.num_augmentations}: contrastive learning needs >= 2 views")
-    if settings.target_size < 32:
-        raise UsageError(f"--target_size={settings.target_size}: ResNet50V2 needs images of at least 32x32")
+    if settings.encoder not in ENCODER_MINIMUM_SIZES:
+        raise UsageError(f"--encoder={settings.encoder}: choose one of {', '.join(ENCODER_MINIMUM_SIZES)}")
+    if settings.target_size < ENCODER_MINIMUM_SIZES[settings.encoder]:
+        raise UsageError(
+            f"--target_size={settings.target_size}: the {settings.encoder} encoder needs images of at least "
+            f"{ENCODER_MINIMUM_SIZES[settings.encoder]}x{ENCODER_MINIMUM_SIZES[settings.encoder]}"
+        )
     if not 0 <= settings.dropout_rate < 1:
         raise UsageError(f"--dropout_rate={settings.dropout_rate}: must be in [0, 1)")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
@@ -429,20 +464,39 @@ def plot_augmentations(image, title, data_augmentation, path):
 
 ### Implement the vision encoder
 
-The encoder is a ResNet50V2 trained from scratch, followed by a dense layer that outputs the
-representation vector.
+The tutorial's encoder is a ResNet50V2 trained from scratch, followed by a dense layer that outputs the
+representation vector. `"small"` swaps the ResNet for four 3x3 convolutions (32-64-128-256 channels, with a
+2x2 max-pool before each but the first): fast enough for a CPU and for the tests.
 """
 
+ENCODER_MINIMUM_SIZES = {"resnet50v2": 32, "small": 8}  # smallest TARGET_SIZE each encoder accepts
 
-def create_encoder(representation_dim, target_size):
+
+def create_encoder(encoder_name, representation_dim, target_size):
+    if encoder_name == "resnet50v2":
+        backbone = keras.applications.ResNet50V2(include_top=False, weights=None, pooling="avg")
+    else:
+        backbone = keras.Sequential(
+            [
+                *conv_block(32),  # 32x32
+                layers.MaxPooling2D(),
+                *conv_block(64),  # 16x16
+                layers.MaxPooling2D(),
+                *conv_block(128),  # 8x8
+                layers.MaxPooling2D(),
+                *conv_block(256),  # 4x4
+                layers.GlobalAveragePooling2D(),
+            ],
+            name="small_cnn",
+        )
     return keras.Sequential(
-        [
-            keras.Input((target_size, target_size, 3)),
-            keras.applications.ResNet50V2(include_top=False, weights=None, pooling="avg"),
-            layers.Dense(representation_dim),
-        ],
-        name="encoder",
+        [keras.Input((target_size, target_size, 3)), backbone, layers.Dense(representation_dim)], name="encoder"
     )
+
+
+def conv_block(filters):
+    """3x3 convolution, batch normalisation, ReLU."""
+    return [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
 
 
 """
@@ -524,16 +578,92 @@ def create_adamw(learning_rate, weight_decay):
 
 
 def train_representation_learner(
-    learner, images, batch_size, epochs, learning_rate, decay_steps, decay_alpha, weight_decay
+    learner, images, batch_size, epochs, learning_rate, decay_steps, decay_alpha, weight_decay, backup_dir
 ):
-    """Trains the contrastive learner; returns the loss of every epoch."""
+    """Trains the contrastive learner, resuming from `backup_dir`; returns the history of every epoch."""
     # Create a cosine decay learning rate scheduler.
     lr_scheduler = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=learning_rate, decay_steps=decay_steps, alpha=decay_alpha
     )
     learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay))
-    history = learner.fit(x=images, batch_size=batch_size, epochs=epochs, verbose=fit_verbosity())
-    return history.history["loss"]
+    learner(images[:2].astype("float32"))  # Builds the projection head, so that a checkpoint can be restored.
+    return fit_resumable(
+        learner,
+        backup_dir,
+        "representation learning",
+        "lower --representation_learning_rate or raise --temperature",
+        x=images,
+        batch_size=batch_size,
+        epochs=epochs,
+    )
+
+
+"""
+### Resume interrupted training
+
+After every epoch the weights, the optimizer state and the loss history are saved to the stage's backup
+folder (like Keras's `BackupAndRestore`, but atomically and with the history), so a killed run continues
+from its last completed epoch. `TerminateOnNaN` stops a diverging stage, which then fails with advice.
+"""
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the model (optimizer included) and the history after every epoch whose losses are finite."""
+
+    def __init__(self, backup_dir, history):
+        super().__init__()
+        self.backup_dir = backup_dir
+        self.history = history
+
+    def on_epoch_end(self, epoch, logs=None):
+        for name, value in logs.items():
+            self.history.setdefault(name, []).append(float(value))
+        if not np.all(np.isfinite(list(logs.values()))):
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
+        save_weights(self.model, os.path.join(self.backup_dir, weights_name))
+        state = {"epoch": epoch + 1, "weights": weights_name, "history": self.history}
+        save_json(state, os.path.join(self.backup_dir, "state.json"))
+        for name in os.listdir(self.backup_dir):
+            if name.startswith("epoch-") and name != weights_name:
+                os.remove(os.path.join(self.backup_dir, name))
+
+
+def restore_checkpoint(model, backup_dir):
+    """Loads the last checkpoint of `backup_dir` into the compiled, built `model`; returns (epochs done, history)."""
+    state_path = os.path.join(backup_dir, "state.json")
+    if not os.path.exists(state_path):
+        return 0, {}
+    try:
+        state = read_json(state_path)
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(backup_dir, state["weights"]))
+    except Exception as error:  # noqa: BLE001  (whatever broke the checkpoint, the stage starts again)
+        print(
+            f"warning: discarding unreadable checkpoint {backup_dir} ({type(error).__name__}); starting the stage again"
+        )
+        shutil.rmtree(backup_dir)
+        return 0, {}
+    return state["epoch"], state["history"]
+
+
+def fit_resumable(model, backup_dir, stage, remedy, **fit_arguments):
+    """`model.fit` from the last epoch saved in `backup_dir`; returns the history of all epochs.
+
+    Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite.
+    """
+    first_epoch, history = restore_checkpoint(model, backup_dir)
+    if first_epoch:
+        print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
+    callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history)]
+    model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), **fit_arguments)
+    for epoch, losses in enumerate(zip(*history.values(), strict=True), start=1):
+        if not np.all(np.isfinite(losses)):
+            raise UsageError(
+                f"{stage} diverged at epoch {epoch} (a loss became NaN or infinite); {remedy}, then run again"
+            )
+    return history
 
 
 def fit_verbosity():
@@ -564,6 +694,8 @@ The features of every image are L2-normalised, so a dot product is a cosine simi
 def compute_embeddings(encoder, images, batch_size):
     # Tutorial quirk: the encoder embeds the raw pixels, without the normalization it was trained with.
     feature_vectors = encoder.predict(images, batch_size=batch_size, verbose=fit_verbosity())
+    if not np.isfinite(feature_vectors).all():
+        raise UsageError("the encoder produced NaN or infinite features; lower --representation_learning_rate")
     return feature_vectors / np.maximum(np.linalg.norm(feature_vectors, axis=-1, keepdims=True), 1e-12)
 
 
@@ -734,13 +866,16 @@ class NeighbourBatches(keras.utils.PyDataset):
         self.order = self.rng.permutation(len(self.images))
 
 
-def train_clustering_learner(clustering_learner, batches, epochs, learning_rate, weight_decay, entropy_loss_weight):
-    """Trains the clustering learner; returns the per-epoch losses ({name: [value per epoch]})."""
+def train_clustering_learner(
+    clustering_learner, batches, epochs, learning_rate, weight_decay, entropy_loss_weight, backup_dir
+):
+    """Trains the clustering learner, resuming from `backup_dir`; returns the history of every epoch."""
     # Instantiate the model losses.
     losses = [ClustersConsistencyLoss(), ClustersEntropyLoss(entropy_loss_weight=entropy_loss_weight)]
     clustering_learner.compile(optimizer=create_adamw(learning_rate, weight_decay), loss=losses)
-    history = clustering_learner.fit(batches, epochs=epochs, verbose=fit_verbosity())
-    return history.history
+    return fit_resumable(
+        clustering_learner, backup_dir, "clustering", "lower --clustering_learning_rate", x=batches, epochs=epochs
+    )
 
 
 """
@@ -753,9 +888,8 @@ confident images of a cluster are its prototypes.
 """
 
 
-def cluster_images(clustering_model, images, batch_size):
-    """Returns each image's cluster and confidence."""
-    clustering_probs = clustering_model.predict(images, batch_size=batch_size, verbose=fit_verbosity())
+def assign_clusters(clustering_probs):
+    """Returns each image's most probable cluster and that probability, its clustering confidence."""
     return np.argmax(clustering_probs, axis=-1), np.max(clustering_probs, axis=-1)
 
 
@@ -821,38 +955,174 @@ def plot_prototypes(images, labels, class_names, prototypes, path):
     save_figure(figure, path)
 
 
+def report_clusters(clustering_probs, labels, class_names, prototypes_per_cluster, images, output_path):
+    """Prints the cluster sizes, then each cluster's majority label and accuracy; saves prototypes.png."""
+    num_clusters = clustering_probs.shape[1]
+    cluster_assignments, cluster_confidence = assign_clusters(clustering_probs)
+    sizes = np.bincount(cluster_assignments, minlength=num_clusters)
+    for c in range(num_clusters):
+        print("cluster", c, ":", sizes[c])
+    prototypes = cluster_prototypes(cluster_assignments, cluster_confidence, num_clusters, prototypes_per_cluster)
+    plot_prototypes(images, labels, class_names, prototypes, output_path("prototypes.png"))
+    metrics = {"cluster_sizes": sizes.tolist()}
+    if labels is None:
+        print("no labels (a folder without class sub-folders): see prototypes.png for what each cluster holds")
+        return metrics
+    report = majority_label_report(cluster_assignments, labels, num_clusters, len(class_names))
+    for c in range(num_clusters):
+        if report["sizes"][c]:
+            label = class_names[report["majority_labels"][c]]
+            print(f"cluster {c} label is: {label} - accuracy: {report['accuracies'][c]} %")
+        else:
+            print(f"cluster {c} is empty")
+    print(f"overall majority-label accuracy: {report['overall_accuracy']} % of {len(labels)} images")
+    metrics["clusters"] = [
+        {"cluster": c, "size": size, "label": class_names[label], "accuracy": accuracy}
+        for c, (size, label, accuracy) in enumerate(
+            zip(report["sizes"], report["majority_labels"], report["accuracies"], strict=True)
+        )
+    ]
+    metrics["overall_accuracy"] = report["overall_accuracy"]
+    return metrics
+
+
 """
-## Outputs
+## Outputs and the stage cache
 
 Every file is written under a temporary name and renamed, so an interrupted run never leaves a truncated
-file behind.
+file that a later run would trust. Each stage's result is saved in `OUTPUT_DIR/cache` under a fingerprint
+of the data and of the settings behind it and every earlier stage: a re-run skips what is done, and a
+changed setting re-runs its stage and the stages after it, never one before.
 """
+
+
+def write_atomically(path, write):
+    """Calls `write(temporary_path)` on a sibling of `path` with the same extension, then renames it to `path`."""
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def save_figure(figure, path):
     figure.tight_layout()
-    temporary = temporary_path(path)
-    figure.savefig(temporary, format="png", dpi=80)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=80))
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def save_json(data, path):
-    temporary = temporary_path(path)
-    with open(temporary, "w") as file:
-        json.dump(data, file, indent=2)
-    os.replace(temporary, path)
+    def write(temporary):
+        with open(temporary, "w") as file:
+            json.dump(data, file, indent=2)
+
+    write_atomically(path, write)
 
 
-def temporary_path(path):
-    """A sibling of `path` with the same extension, for an atomic write followed by os.replace."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+def read_json(path):
+    with open(path) as file:
+        return json.load(file)
+
+
+def save_array(array, path):
+    write_atomically(path, lambda temporary: np.save(temporary, array))
+
+
+def save_weights(model, path):
+    write_atomically(path, model.save_weights)
+
+
+def data_fingerprint(dataset):
+    """A digest of the images, labels and class names: different data or MAX_IMAGES, different results."""
+    digest = hashlib.blake2b(np.ascontiguousarray(dataset.images).data, digest_size=8)
+    if dataset.labels is not None:
+        digest.update(dataset.labels.astype(np.int64).tobytes())
+        digest.update(json.dumps(dataset.class_names).encode())
+    return digest.hexdigest()
+
+
+class StageCache:
+    """Finished stage results in `folder`, each named by the stage and its fingerprint."""
+
+    def __init__(self, folder, resume):
+        self.folder = folder
+        self.resume = resume
+
+    @staticmethod
+    def fingerprint(previous, stage, settings):
+        """Chains the previous stage's fingerprint with this stage's name and settings ({name: value})."""
+        text = json.dumps({"previous": previous, "stage": stage, "settings": settings}, sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+    def path(self, stage, fingerprint, suffix):
+        return os.path.join(self.folder, f"{stage}-{fingerprint}{suffix}")
+
+    def read(self, path, reader):
+        """Returns `reader(path)`, or None if the file is missing, RESUME is off, or it cannot be read."""
+        if not self.resume or not os.path.exists(path):
+            return None
+        try:
+            return reader(path)
+        except Exception as error:  # noqa: BLE001  (whatever broke the file, it is recomputed)
+            print(f"warning: discarding unreadable {path} ({type(error).__name__}); recomputing it")
+            os.remove(path)
+            return None
+
+    def array(self, stage, fingerprint, title, compute):
+        """The stage's array from the cache, or `compute()`, saved there."""
+        path = self.path(stage, fingerprint, ".npy")
+        array = self.read(path, lambda path: np.load(path, allow_pickle=False))
+        if array is not None:
+            print(f"{title}: done before, reusing {path}")
+            return array
+        array = compute()
+        save_array(array, path)
+        return array
+
+    def trained_model(self, stage, fingerprint, title, model, train):
+        """Loads `model`'s weights if the stage finished before, else runs `train(backup_dir)` and saves them.
+
+        Returns the stage's per-epoch history.
+        """
+        weights_path, record_path = self.path(stage, fingerprint, ".weights.h5"), self.path(stage, fingerprint, ".json")
+        record = self.read(record_path, read_json)
+        if record is not None and self.read(weights_path, lambda path: model.load_weights(path) or True):
+            print(f"{title}: done before, reusing {weights_path}")
+            return record["history"]
+        backup_dir = self.path(stage, fingerprint, ".backup")
+        if not self.resume:
+            shutil.rmtree(backup_dir, ignore_errors=True)
+        history = train(backup_dir)
+        save_weights(model, weights_path)
+        save_json({"history": history}, record_path)
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        return history
+
+
+@contextmanager
+def stage_timer(timings, stage):
+    """Records the seconds spent in the `with` block as `timings[stage]`."""
+    started = time.time()
+    yield
+    timings[stage] = round(time.time() - started, 2)
 
 
 """
 ## Run the whole tutorial
 """
+
+
+def stage_fingerprints(data_digest, settings, stage_settings):
+    """Returns {stage: fingerprint}, each chained to the data and to every earlier stage."""
+    fingerprints, previous = {}, data_digest
+    for stage, names in stage_settings.items():
+        previous = fingerprints[stage] = StageCache.fingerprint(
+            previous, stage, {name: settings[name] for name in names}
+        )
+    return fingerprints
 
 
 def main(argv=None):
@@ -862,132 +1132,131 @@ def main(argv=None):
     settings = parse_settings(argv, {name: globals()[name] for name in comments}, comments)
     validate_settings(settings)
     check_output_dir(settings.output_dir)
-    timings = {}
     keras.utils.set_random_seed(settings.seed)
     print(f"Keras {keras.__version__}, backend {describe_devices()}")
+    timings = {}
 
-    started = time.time()
-    dataset = load_dataset(settings.data, settings.input_size, settings.max_images, settings.seed)
-    validate_against_data(settings, len(dataset.images))
-    x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
-    print(f"data: {dataset.source}")
-    print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
-    if classes is not None:
-        print(f"{len(classes)} classes: {', '.join(classes)}")
-    os.makedirs(settings.output_dir, exist_ok=True)
+    with stage_timer(timings, "data"):
+        dataset = load_dataset(settings.data, settings.input_size, settings.max_images, settings.seed)
+        validate_against_data(settings, len(dataset.images))
+        x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
+        print(f"data: {dataset.source}")
+        print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
+        if classes is not None:
+            print(f"{len(classes)} classes: {', '.join(classes)}")
+        fingerprints = stage_fingerprints(data_fingerprint(dataset), vars(settings), STAGE_SETTINGS)
+    # Every check has passed: only now is anything written.
+    cache = StageCache(os.path.join(settings.output_dir, "cache"), settings.resume)
+    os.makedirs(cache.folder, exist_ok=True)
     output_path = lambda name: os.path.join(settings.output_dir, name)  # noqa: E731
-    timings["data"] = time.time() - started
 
-    started = time.time()
-    data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
-    data_augmentation = create_data_augmentation(settings.seed)
-    image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
-    plot_augmentations(
-        x_data[image_idx],
-        classes[y_data[image_idx]] if classes else "",
-        data_augmentation,
-        output_path("augmentations.png"),
-    )
-    timings["preprocessing"] = time.time() - started
+    with stage_timer(timings, "preprocessing"):
+        data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
+        data_augmentation = create_data_augmentation(settings.seed)
+        image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
+        title = classes[y_data[image_idx]] if classes else ""
+        plot_augmentations(x_data[image_idx], title, data_augmentation, output_path("augmentations.png"))
 
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
-    started = time.time()
-    encoder = create_encoder(settings.representation_dim, settings.target_size)
-    representation_learner = RepresentationLearner(
-        encoder,
-        settings.projection_units,
-        settings.num_augmentations,
-        data_preprocessing,
-        data_augmentation,
-        temperature=settings.temperature,
-        dropout_rate=settings.dropout_rate,
-        l2_normalize=settings.l2_normalize,
-    )
-    representation_losses = train_representation_learner(
-        representation_learner,
-        x_data,
-        settings.batch_size,
-        settings.representation_epochs,
-        settings.representation_learning_rate,
-        settings.learning_rate_decay_steps,
-        settings.learning_rate_decay_alpha,
-        settings.weight_decay,
-    )
-    plot_loss_history({"contrastive loss": representation_losses}, output_path("representation_loss.png"))
-    timings["representation_learning"] = time.time() - started
+    with stage_timer(timings, "representation_learning"):
+        encoder = create_encoder(settings.encoder, settings.representation_dim, settings.target_size)
+        representation_learner = RepresentationLearner(
+            encoder,
+            settings.projection_units,
+            settings.num_augmentations,
+            data_preprocessing,
+            data_augmentation,
+            temperature=settings.temperature,
+            dropout_rate=settings.dropout_rate,
+            l2_normalize=settings.l2_normalize,
+        )
+        representation_history = cache.trained_model(
+            "representation",
+            fingerprints["representation"],
+            "representation learning",
+            encoder,
+            lambda backup_dir: train_representation_learner(
+                representation_learner,
+                x_data,
+                settings.batch_size,
+                settings.representation_epochs,
+                settings.representation_learning_rate,
+                settings.learning_rate_decay_steps,
+                settings.learning_rate_decay_alpha,
+                settings.weight_decay,
+                backup_dir,
+            ),
+        )
+        plot_loss_history({"contrastive loss": representation_history["loss"]}, output_path("representation_loss.png"))
 
     print("\n## Compute the nearest neighbours")
-    started = time.time()
-    feature_vectors = compute_embeddings(encoder, x_data, settings.embedding_batch_size)
-    neighbours = mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size)
-    anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
-    plot_neighbours(x_data, y_data, classes, neighbours, anchors, output_path("neighbours.png"))
-    timings["neighbours"] = time.time() - started
+    with stage_timer(timings, "neighbours"):
+        feature_vectors = cache.array(
+            "embeddings",
+            fingerprints["embeddings"],
+            "embeddings",
+            lambda: compute_embeddings(encoder, x_data, settings.embedding_batch_size),
+        )
+        neighbours = cache.array(
+            "neighbours",
+            fingerprints["neighbours"],
+            "neighbour mining",
+            lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
+        )
+        anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
+        plot_neighbours(x_data, y_data, classes, neighbours, anchors, output_path("neighbours.png"))
 
     print(f"\n## Semantic clustering with nearest neighbours: {settings.clustering_epochs} epochs")
-    started = time.time()
-    # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
-    for layer in encoder.layers:
-        layer.trainable = settings.tune_encoder_during_clustering
-    clustering_model = create_clustering_model(
-        encoder, settings.num_clusters, settings.input_size, data_preprocessing, data_augmentation, name="clustering"
-    )
-    clustering_learner = create_clustering_learner(clustering_model, settings.k_neighbours, settings.input_size)
-    batches = NeighbourBatches(x_data, neighbours, settings.batch_size, settings.seed)
-    clustering_history = train_clustering_learner(
-        clustering_learner,
-        batches,
-        settings.clustering_epochs,
-        settings.clustering_learning_rate,
-        settings.weight_decay,
-        settings.entropy_loss_weight,
-    )
-    plot_loss_history(clustering_history, output_path("clustering_loss.png"))
-    timings["clustering"] = time.time() - started
+    with stage_timer(timings, "clustering"):
+        # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
+        for layer in encoder.layers:
+            layer.trainable = settings.tune_encoder_during_clustering
+        clustering_model = create_clustering_model(
+            encoder,
+            settings.num_clusters,
+            settings.input_size,
+            data_preprocessing,
+            data_augmentation,
+            name="clustering",
+        )
+        clustering_learner = create_clustering_learner(clustering_model, settings.k_neighbours, settings.input_size)
+        clustering_history = cache.trained_model(
+            "clustering",
+            fingerprints["clustering"],
+            "clustering",
+            clustering_model,
+            lambda backup_dir: train_clustering_learner(
+                clustering_learner,
+                NeighbourBatches(x_data, neighbours, settings.batch_size, settings.seed),
+                settings.clustering_epochs,
+                settings.clustering_learning_rate,
+                settings.weight_decay,
+                settings.entropy_loss_weight,
+                backup_dir,
+            ),
+        )
+        plot_loss_history(clustering_history, output_path("clustering_loss.png"))
 
     print("\n## Cluster analysis")
-    started = time.time()
-    cluster_assignments, cluster_confidence = cluster_images(clustering_model, x_data, settings.embedding_batch_size)
-    sizes = np.bincount(cluster_assignments, minlength=settings.num_clusters)
-    for c in range(settings.num_clusters):
-        print("cluster", c, ":", sizes[c])
-    prototypes = cluster_prototypes(
-        cluster_assignments, cluster_confidence, settings.num_clusters, settings.prototypes_per_cluster
-    )
-    plot_prototypes(x_data, y_data, classes, prototypes, output_path("prototypes.png"))
-    metrics = {
-        "data": dataset.source,
-        "images": len(x_data),
-        "backend": describe_devices(),
-        "cluster_sizes": sizes.tolist(),
-    }
-    if y_data is not None:
-        report = majority_label_report(cluster_assignments, y_data, settings.num_clusters, len(classes))
-        for c in range(settings.num_clusters):
-            if report["sizes"][c]:
-                print(
-                    f"cluster {c} label is: {classes[report['majority_labels'][c]]} - accuracy: {report['accuracies'][c]} %"
-                )
-            else:
-                print(f"cluster {c} is empty")
-        print(f"overall majority-label accuracy: {report['overall_accuracy']} % of {len(x_data)} images")
-        metrics["clusters"] = [
-            {
-                "cluster": c,
-                "size": report["sizes"][c],
-                "label": classes[report["majority_labels"][c]],
-                "accuracy": report["accuracies"][c],
-            }
-            for c in range(settings.num_clusters)
-        ]
-        metrics["overall_accuracy"] = report["overall_accuracy"]
-    else:
-        print("no labels (a folder without class sub-folders): see prototypes.png for what each cluster holds")
-    timings["cluster_analysis"] = time.time() - started
+    with stage_timer(timings, "cluster_analysis"):
+        clustering_probs = cache.array(
+            "predictions",
+            fingerprints["predictions"],
+            "cluster assignment",
+            lambda: clustering_model.predict(x_data, batch_size=settings.embedding_batch_size, verbose=fit_verbosity()),
+        )
+        metrics = report_clusters(
+            clustering_probs, y_data, classes, settings.prototypes_per_cluster, x_data, output_path
+        )
 
-    metrics["losses"] = {"representation": representation_losses, "clustering": clustering_history}
-    metrics["timings_seconds"] = {stage: round(seconds, 2) for stage, seconds in timings.items()}
-    metrics["settings"] = vars(settings)
+    metrics.update(
+        data=dataset.source,
+        images=len(x_data),
+        backend=describe_devices(),
+        losses={"representation": representation_history["loss"], "clustering": clustering_history},
+        timings_seconds=timings,
+        settings=vars(settings),
+    )
     save_json(metrics, output_path("metrics.json"))
     print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
     print(f"figures and metrics.json are in {settings.output_dir}")
@@ -1000,3 +1269,6 @@ if __name__ == "__main__":
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume from the last completed epoch", file=sys.stderr)
+        sys.exit(130)

@@ -79,7 +79,7 @@ def test_bad_overrides_raise_a_usage_error(argument, message):
         ("--representation_epochs=0", "--representation_epochs=0: must be at least 1"),
         ("--batch_size=-4", "--batch_size=-4: must be at least 1"),
         ("--num_clusters=1", "at least 2 clusters"),
-        ("--target_size=16", "ResNet50V2 needs images of at least 32x32"),
+        ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
     ],
 )

@@ -1,0 +1,134 @@
+"""The bad-input matrix: each case run as a user would, ending with one clear error line, exit status 2,
+and no file in OUTPUT_DIR changed."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_image_folder, run_script, write_cifar_batch
+
+
+def folder_of(tmp_path, *files):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name, content in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return [f"--data={root}"]
+
+
+def truncated_cifar_batches(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    write_cifar_batch(root / "data_batch_1", np.zeros((20, 3, 32, 32), np.uint8), [0] * 20)
+    write_cifar_batch(root / "data_batch_2", np.zeros((20, 3, 32, 32), np.uint8), [1] * 20)
+    data = (root / "data_batch_2").read_bytes()
+    (root / "data_batch_2").write_bytes(data[:1000])
+    return [f"--data={root}"]
+
+
+def uneven_depths(tmp_path):
+    make_image_folder(tmp_path / "data" / "cats", num_classes=1, per_class=3, labelled=False)
+    make_image_folder(tmp_path / "data" / "dogs" / "small" / "brown", num_classes=1, per_class=3, labelled=False)
+    return [f"--data={tmp_path / 'data'}"]
+
+
+def good_folder(tmp_path, *extra):
+    return [f"--data={make_image_folder(tmp_path / 'data', num_classes=3, per_class=8)}", *extra]
+
+
+def file_as_output_parent(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return [*good_folder(tmp_path), f"--output_dir={tmp_path / 'a_file' / 'out'}"]
+
+
+CASES = {
+    "missing path": (lambda tmp: [f"--data={tmp / 'nowhere'}"], {}, "no such file or folder"),
+    "empty folder": (lambda tmp: folder_of(tmp), {}, "no .png/.jpg/.jpeg/.bmp/.gif/.webp files found"),
+    "only non-images": (lambda tmp: folder_of(tmp, ("a.txt", b"text"), ("b/c.csv", b"1,2")), {}, "files found"),
+    "all images corrupt": (
+        lambda tmp: folder_of(tmp, ("a/x.png", b"junk"), ("a/y.jpg", b""), ("b/z.gif", b"GIF8")),
+        {},
+        "none of the 3 image files could be read",
+    ),
+    "truncated cifar batch": (truncated_cifar_batches, {}, "data_batch_2 is truncated or not a CIFAR-10 batch"),
+    "uneven label depth": (uneven_depths, {}, "images sit at different folder depths"),
+    "k >= images": (
+        lambda tmp: good_folder(tmp, "--k_neighbours=24"),
+        {},
+        "--k_neighbours=24 needs more than 24 images",
+    ),
+    "too many clusters": (
+        lambda tmp: good_folder(tmp, "--num_clusters=25"),
+        {},
+        "--num_clusters=25 is more than the 24 images",
+    ),
+    "one cluster": (lambda tmp: good_folder(tmp, "--num_clusters=1"), {}, "clustering needs at least 2 clusters"),
+    "negative epochs": (
+        lambda tmp: good_folder(tmp, "--representation_epochs=-3"),
+        {},
+        "--representation_epochs=-3: must be at least 1",
+    ),
+    "zero epochs": (
+        lambda tmp: good_folder(tmp, "--clustering_epochs=0"),
+        {},
+        "--clustering_epochs=0: must be at least 1",
+    ),
+    "zero batch size": (lambda tmp: good_folder(tmp, "--batch_size=0"), {}, "--batch_size=0: must be at least 1"),
+    "unknown override": (
+        lambda tmp: good_folder(tmp, "--num_cluster=3"),
+        {},
+        "unrecognized arguments: --num_cluster=3",
+    ),
+    "wrong-typed override": (
+        lambda tmp: good_folder(tmp, "--num_clusters=many"),
+        {},
+        "--num_clusters=many: expected int",
+    ),
+    "unknown backend": (
+        good_folder,
+        {"KERAS_BACKEND": "pytorch-lightning"},
+        "KERAS_BACKEND=pytorch-lightning cannot be used",
+    ),
+    "output dir not writable": (
+        lambda tmp: good_folder(tmp, "--output_dir=/proc/scan-outputs"),
+        {},
+        "cannot write in /proc",
+    ),
+    "output dir below a file": (file_as_output_parent, {}, "is a file, not a folder"),
+    "failed download": (lambda tmp: ["--data=cifar10"], {"KERAS_HOME": "keras-home"}, "could not download CIFAR-10"),
+    "unknown encoder": (lambda tmp: good_folder(tmp, "--encoder=vgg"), {}, "--encoder=vgg: choose one of"),
+}
+
+
+def snapshot(path):
+    """Every file under `path` with its size and modification time (empty if `path` does not exist)."""
+    return {
+        os.path.join(root, name): (
+            os.stat(os.path.join(root, name)).st_size,
+            os.stat(os.path.join(root, name)).st_mtime_ns,
+        )
+        for root, _, names in os.walk(path)
+        for name in names
+    }
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_with_one_clear_line_and_changes_nothing(tmp_path, case):
+    make_args, environment, message = CASES[case]
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "metrics.json").write_text('{"from": "an earlier run"}')
+    args = make_args(tmp_path)
+    if not any(arg.startswith("--output_dir=") for arg in args):
+        args.append(f"--output_dir={output_dir}")
+    before = snapshot(tmp_path)
+    result = run_script(args, cwd=tmp_path, env=environment, timeout=300)
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and result.stderr.strip().splitlines()[-1] == error_lines[0]
+    assert message in error_lines[0], error_lines[0]
+    assert "Traceback" not in result.stderr
+    after = snapshot(tmp_path)
+    assert {path: stat for path, stat in after.items() if "keras-home" not in path} == before

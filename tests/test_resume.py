@@ -1,0 +1,180 @@
+"""The stage cache, resuming after SIGKILL, broken artifacts and diverging training, run as a user would."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import scan_cifar10 as scan
+from conftest import SCRIPT, make_image_folder, run_script
+
+TINY = ["--encoder=small", "--batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
+        "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=10"]  # fmt: skip
+STAGES = ["representation", "embeddings", "neighbours", "clustering", "predictions"]
+
+
+def cache_files(output_dir):
+    """{stage: (file name, modification time in ns)} of the cached artifacts."""
+    folder = os.path.join(output_dir, "cache")
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+
+
+def stage_of(name):
+    return name.split("-")[0]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    # Partial corruption: two unreadable files among 24 good ones still run, with one warning.
+    (tmp_path / "images" / "class_0" / "broken.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "images" / "class_1" / "empty.jpg").write_bytes(b"")
+    return tmp_path, [f"--data={folder}", f"--output_dir={tmp_path / 'out'}"]
+
+
+def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_dir):
+    tmp_path, data_args = run_dir
+    first = run_script([*data_args, *TINY], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("warning: skipped 2 unreadable image files of 26") == 1
+    assert "done before" not in first.stdout
+    after_first = cache_files(tmp_path / "out")
+    assert sorted({stage_of(name) for name in after_first}) == sorted(STAGES)
+
+    again = run_script([*data_args, *TINY], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(re.findall(r"^[a-z ]+: done before, reusing ", again.stdout, flags=re.MULTILINE)) == 5
+    assert "Epoch 1/" not in again.stdout  # nothing trained
+    assert cache_files(tmp_path / "out") == after_first  # nothing rewritten
+    sizes = lambda out: re.findall(r"^cluster \d+ : \d+$", out, flags=re.MULTILINE)  # noqa: E731
+    assert sizes(again.stdout) == sizes(first.stdout)
+
+    changed = run_script([*data_args, *TINY[:4], "--num_clusters=4", *TINY[5:]], cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "representation learning: done before" in changed.stdout
+    assert "neighbour mining: done before" in changed.stdout
+    assert "clustering: done before" not in changed.stdout and "cluster assignment: done before" not in changed.stdout
+    after_change = cache_files(tmp_path / "out")
+    for name, modified in after_first.items():  # earlier stages untouched, old clustering kept
+        assert after_change[name] == modified, name
+    new = {stage_of(name) for name in set(after_change) - set(after_first)}
+    assert new == {"clustering", "predictions"}
+    assert len(sizes(changed.stdout)) == 4
+
+    fresh = run_script([*data_args, *TINY, "--resume=false"], cwd=tmp_path)
+    assert fresh.returncode == 0 and "done before" not in fresh.stdout
+    assert all(cache_files(tmp_path / "out")[name] > modified for name, modified in after_first.items())
+
+
+def test_sigkill_during_training_resumes_from_the_last_epoch(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    output_dir = tmp_path / "out"
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=60", *TINY[3:]]
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    killed_after = None
+    while time.time() < deadline and process.poll() is None:
+        states = [os.path.join(root, "state.json") for root, _, files in os.walk(output_dir) if "state.json" in files]
+        if states:
+            try:
+                killed_after = json.loads(open(states[0]).read())["epoch"]
+            except (OSError, ValueError):  # seen mid-rename
+                continue
+            if killed_after >= 2:
+                process.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    assert not os.path.exists(output_dir / "metrics.json")
+
+    resumed = run_script(args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    match = re.search(r"representation learning: resuming after epoch (\d+) of 60", resumed.stdout)
+    assert match and int(match.group(1)) >= killed_after
+    assert f"Epoch {int(match.group(1)) + 1}/60" in resumed.stdout and "Epoch 1/60" not in resumed.stdout
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    losses = metrics["losses"]["representation"]
+    assert len(losses) == 60 and np.all(np.isfinite(losses))  # the history covers every epoch
+    assert not [name for name in os.listdir(output_dir / "cache") if name.endswith(".backup")]
+
+
+def test_truncated_artifacts_are_discarded_and_recomputed(run_dir):
+    tmp_path, data_args = run_dir
+    assert run_script([*data_args, *TINY], cwd=tmp_path).returncode == 0
+    cache_dir = tmp_path / "out" / "cache"
+    for name in os.listdir(cache_dir):
+        if (
+            name.endswith(".npy")
+            and name.startswith("neighbours")
+            or name.endswith(".weights.h5")
+            and name.startswith("clustering")
+        ):
+            data = (cache_dir / name).read_bytes()
+            (cache_dir / name).write_bytes(data[: len(data) // 3])
+    result = run_script([*data_args, *TINY], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"warning: discarding unreadable .*neighbours-\w+\.npy", result.stdout)
+    assert re.search(r"warning: discarding unreadable .*clustering-\w+\.weights\.h5", result.stdout)
+    assert "representation learning: done before" in result.stdout
+    assert "neighbour mining: done before" not in result.stdout
+    neighbours = np.load(next(cache_dir.glob("neighbours-*.npy")))
+    assert neighbours.shape == (24, 2)
+
+
+def test_diverging_training_stops_with_advice_and_caches_nothing(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    result = run_script(
+        [f"--data={folder}", f"--output_dir={tmp_path / 'out'}", *TINY, "--temperature=1e-30"], cwd=tmp_path
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: representation learning diverged at epoch 1")
+    assert "--representation_learning_rate" in last and "--temperature" in last
+    assert not [name for name in os.listdir(tmp_path / "out" / "cache") if name.startswith("representation-")]
+
+
+def test_write_atomically_leaves_nothing_when_the_writer_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def failing_writer(temporary):
+        with open(temporary, "w") as file:
+            file.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        scan.write_atomically(str(target), failing_writer)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_fingerprints_change_from_the_changed_stage_on():
+    settings = {name: 1 for names in scan.STAGE_SETTINGS.values() for name in names}
+    base = scan.stage_fingerprints("data", settings, scan.STAGE_SETTINGS)
+    clusters = scan.stage_fingerprints("data", {**settings, "num_clusters": 2}, scan.STAGE_SETTINGS)
+    assert [base[stage] == clusters[stage] for stage in STAGES] == [True, True, True, False, False]
+    neighbours = scan.stage_fingerprints("data", {**settings, "k_neighbours": 2}, scan.STAGE_SETTINGS)
+    assert [base[stage] == neighbours[stage] for stage in STAGES] == [True, True, False, False, False]
+    other_data = scan.stage_fingerprints("other", settings, scan.STAGE_SETTINGS)
+    assert all(base[stage] != other_data[stage] for stage in STAGES)
+
+
+def test_data_fingerprint_covers_pixels_and_labels():
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    base = scan.Dataset(images, np.array([0, 1, 0, 1]), ["a", "b"], "x")
+    assert scan.data_fingerprint(base) == scan.data_fingerprint(base._replace(source="y"))
+    changed_pixel = images.copy()
+    changed_pixel[3, 7, 7, 2] = 1
+    assert scan.data_fingerprint(base) != scan.data_fingerprint(base._replace(images=changed_pixel))
+    assert scan.data_fingerprint(base) != scan.data_fingerprint(base._replace(labels=np.array([1, 1, 0, 1])))
+    assert scan.data_fingerprint(base) != scan.data_fingerprint(
+        base._replace(images=images[:3], labels=base.labels[:3])
+    )
