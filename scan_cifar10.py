@@ -55,66 +55,117 @@ import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
 from PIL import Image  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 matplotlib.use("Agg")  # Figures are saved as PNG files, so no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ settings
+# Recipe
+RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper) or "quick" (2-core CPU): see RECIPES
+
 # Data
-DATA = "cifar10"  # "cifar10" (Keras download, train+test), a cifar-10-batches-py folder or an image folder
-MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many
+DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py or image folder
+EVAL_DATA = ""  # a second source, same forms as DATA, to evaluate the trained model on ("" = none)
+HOLDOUT_IMAGES = 0  # hold this many DATA images out of training and evaluate on them (0 = none)
+MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many to train on
 INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder images are resized to it
-SEED = 42  # seed for the subset, the weights and the augmentations
+SEED = 42  # seed for the subsets, the weights and the augmentations
 OUTPUT_DIR = "outputs"  # figures, metrics.json and the stage cache (OUTPUT_DIR/cache) are written here
 RESUME = True  # reuse finished stages and resume interrupted training; False recomputes everything
 
-# Preprocessing
+# Preprocessing and augmentation
 TARGET_SIZE = 32  # images are resized to this side inside the model; ResNet50V2 needs >= 32
+AUGMENTATION = "tutorial"  # "tutorial" (translate, flip, rotate, zoom) or "simclr" (crop, flip, colour, gray)
 
 # Representation learning
-ENCODER = "resnet50v2"  # "resnet50v2" (the tutorial's) or "small" (a 4-layer CNN, about 50x cheaper)
+ENCODER = "resnet50v2"  # "resnet50v2" (the tutorial's), "resnet18" (CIFAR ResNet-18) or "small" (4-layer CNN)
 REPRESENTATION_DIM = 512  # dimensions of the feature vector the encoder outputs
+PROJECTION_HEAD = "tutorial"  # "tutorial" (dropout, dense, batch norm, ReLU) or "mlp" (dense, ReLU, dense)
 PROJECTION_UNITS = 128  # units of the projection head of the representation learner
+CONTRASTIVE_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "ntxent" (SimCLR's NT-Xent)
 NUM_AUGMENTATIONS = 2  # augmented views per image in the contrastive loss (>= 2)
 TEMPERATURE = 0.1  # softmax temperature of the contrastive loss (> 0)
-DROPOUT_RATE = 0.1  # dropout before the projection head, in [0, 1)
-L2_NORMALIZE = False  # L2-normalise projections before the contrastive loss (tutorial: False)
-BATCH_SIZE = 512  # images per training step, for representation and clustering learning
+DROPOUT_RATE = 0.1  # dropout before the "tutorial" projection head, in [0, 1)
+L2_NORMALIZE = False  # L2-normalise projections in the "tutorial" contrastive loss (NT-Xent always does)
+BATCH_SIZE = 512  # images per training step, for representation learning, clustering and self-labeling
 REPRESENTATION_EPOCHS = 50  # SimCLR training epochs (the tutorial suggests 500 for better results)
 REPRESENTATION_LEARNING_RATE = 0.001  # initial learning rate of the cosine decay
-LEARNING_RATE_DECAY_STEPS = 500  # steps of the cosine decay, after which the rate stays at its floor
+LEARNING_RATE_DECAY_STEPS = 500  # steps of the cosine decay, then the rate stays at its floor (0 = all steps)
 LEARNING_RATE_DECAY_ALPHA = 0.1  # floor of the cosine decay as a fraction of the initial rate
 WEIGHT_DECAY = 0.0001  # AdamW weight decay, Keras semantics (scaled by the learning rate)
 
 # Neighbours
 EMBEDDING_BATCH_SIZE = 500  # images per batch when embedding, mining neighbours and predicting clusters
+EMBED_RAW_PIXELS = True  # tutorial quirk: embed images without the normalisation the encoder learned with
 K_NEIGHBOURS = 5  # neighbours of each image used during cluster learning (>= 1)
 
 # Clustering
 NUM_CLUSTERS = 20  # number of clusters (>= 2)
+CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_anchor, p_neighbour>, weighted entropy)
+SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)
 TUNE_ENCODER_DURING_CLUSTERING = False  # False freezes the encoder while the clustering head learns
-ENTROPY_LOSS_WEIGHT = 5.0  # stored by the tutorial's entropy loss, which never uses it
+ENTROPY_LOSS_WEIGHT = 5.0  # weight of the entropy term; the "tutorial" loss stores it but never uses it
 CLUSTERING_EPOCHS = 50  # clustering training epochs
 CLUSTERING_LEARNING_RATE = 0.0005  # AdamW learning rate of cluster learning
+
+# Self-labeling
+SELF_LABEL_EPOCHS = 0  # epochs of training on confident pseudo-labels after clustering (0 = none, as in the tutorial)
+SELF_LABEL_THRESHOLD = 0.99  # confidence above which an image's cluster becomes its pseudo-label, in (0, 1)
+SELF_LABEL_LEARNING_RATE = 0.0001  # AdamW learning rate of self-labeling
 
 # Cluster analysis
 PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototypes.png
 # --------------------------------------------------------------------------------------- end of settings
 
+# Each recipe is a coherent set of defaults; a setting given on the command line always wins over it.
+RECIPES = {
+    "tutorial": {},
+    # The official SCAN code for CIFAR-10 (AdamW replaces its SGD for SimCLR: one optimizer for every stage).
+    "scan": {
+        "data": "cifar10-train", "eval_data": "cifar10-test", "encoder": "resnet18", "augmentation": "simclr",
+        "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_epochs": 500,
+        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
+        "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
+        "tune_encoder_during_clustering": True, "clustering_epochs": 50, "clustering_learning_rate": 0.0001,
+        "self_label_epochs": 200, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+    },
+    # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images.
+    "quick": {
+        "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "projection_head": "mlp",
+        "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256, "representation_epochs": 10,
+        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
+        "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
+        "tune_encoder_during_clustering": True, "clustering_epochs": 5, "clustering_learning_rate": 0.0001,
+        "self_label_epochs": 3, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+    },
+}  # fmt: skip
+# The allowed values of the settings that name a component.
+CHOICES = {
+    "recipe": list(RECIPES),
+    "encoder": ["resnet50v2", "resnet18", "small"],
+    "augmentation": ["tutorial", "simclr"],
+    "projection_head": ["tutorial", "mlp"],
+    "contrastive_loss": ["tutorial", "ntxent"],
+    "clustering_loss": ["tutorial", "scan"],
+}
 # The settings each cached stage depends on; a stage's fingerprint also covers the data and every earlier stage.
 STAGE_SETTINGS = {
     "representation": [
-        "seed", "encoder", "target_size", "representation_dim", "projection_units", "num_augmentations",
-        "temperature", "dropout_rate", "l2_normalize", "batch_size", "representation_epochs",
-        "representation_learning_rate", "learning_rate_decay_steps", "learning_rate_decay_alpha", "weight_decay",
+        "seed", "encoder", "target_size", "augmentation", "representation_dim", "projection_head",
+        "projection_units", "contrastive_loss", "num_augmentations", "temperature", "dropout_rate", "l2_normalize",
+        "batch_size", "representation_epochs", "representation_learning_rate", "learning_rate_decay_steps",
+        "learning_rate_decay_alpha", "weight_decay",
     ],
-    "embeddings": [],
+    "embeddings": ["embed_raw_pixels"],
     "neighbours": ["k_neighbours"],
     "clustering": [
-        "seed", "num_clusters", "tune_encoder_during_clustering", "entropy_loss_weight", "clustering_epochs",
-        "clustering_learning_rate", "weight_decay", "batch_size",
+        "seed", "num_clusters", "clustering_loss", "sample_one_neighbour", "tune_encoder_during_clustering",
+        "entropy_loss_weight", "clustering_epochs", "clustering_learning_rate", "weight_decay", "batch_size",
     ],
+    "self_labeling": ["self_label_epochs", "self_label_threshold", "self_label_learning_rate"],
     "predictions": [],
 }  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -142,6 +193,8 @@ def read_settings_block(source_text):
 
 def parse_setting_value(name, text, default):
     """Parses `text` to the type of `default`, or raises a UsageError naming the setting."""
+    if isinstance(default, str):
+        return text
     if isinstance(default, bool):
         words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
         if text.lower() in words:
@@ -160,47 +213,56 @@ class _RaisingArgumentParser(argparse.ArgumentParser):
         raise UsageError(message + " (see --help for every setting)")
 
 
-def parse_settings(argv, defaults, comments):
-    """Returns a namespace with lower-case settings: `defaults` overridden by `--name=value` arguments."""
+def parse_settings(argv, defaults, comments, recipes):
+    """Returns a namespace of lower-case settings: `defaults`, then the chosen recipe's, then `--name=value`."""
     parser = _RaisingArgumentParser(
         prog="scan_cifar10.py",
-        description="SCAN image clustering. Each setting is a constant at the top of scan_cifar10.py.",
+        description="SCAN image clustering. Each setting is a constant at the top of scan_cifar10.py; a recipe "
+        f"({', '.join(recipes)}) supplies a coherent set of defaults, and --name=value always wins.",
         allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     for name, default in defaults.items():
         parser.add_argument(
-            f"--{name.lower()}", default=default, help=comments.get(name, ""), metavar=type(default).__name__.upper()
+            f"--{name.lower()}",
+            help=f"{comments.get(name, '')} (default: {default})",
+            metavar=type(default).__name__.upper(),
         )
-    settings = parser.parse_args(argv)
-    for name, default in defaults.items():
-        value = getattr(settings, name.lower())
-        if isinstance(value, str) and not isinstance(default, str):  # given on the command line
-            setattr(settings, name.lower(), parse_setting_value(name.lower(), value, default))
-    return settings
+    given = {
+        name: parse_setting_value(name, text, defaults[name.upper()])
+        for name, text in vars(parser.parse_args(argv)).items()
+    }
+    settings = {name.lower(): value for name, value in defaults.items()}
+    recipe = given.get("recipe", settings.get("recipe", "tutorial"))
+    if recipe not in recipes:
+        raise UsageError(f"--recipe={recipe}: choose one of {', '.join(recipes)}")
+    settings.update(recipes[recipe])
+    settings.update(given)
+    return argparse.Namespace(**settings)
 
 
-def validate_settings(settings):
+def validate_settings(settings, choices):
     """Rejects settings that cannot work, before any data is loaded or any output is written."""
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise UsageError(f"--{name}={getattr(settings, name)}: choose one of {', '.join(allowed)}")
     positive = [
         "batch_size", "embedding_batch_size", "representation_epochs", "clustering_epochs", "input_size",
         "representation_dim", "projection_units", "k_neighbours", "prototypes_per_cluster",
-        "learning_rate_decay_steps",
     ]  # fmt: skip
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
-    for name in ["temperature", "representation_learning_rate", "clustering_learning_rate"]:
+    for name in ["max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps"]:
+        if getattr(settings, name) < 0:
+            raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
+    for name in ["temperature", "representation_learning_rate", "clustering_learning_rate", "self_label_learning_rate"]:
         if not getattr(settings, name) > 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be greater than 0")
-    if settings.max_images < 0:
-        raise UsageError(f"--max_images={settings.max_images}: use 0 for all images or a positive count")
     if settings.num_clusters < 2:
         raise UsageError(f"--num_clusters={settings.num_clusters}: clustering needs at least 2 clusters")
     if settings.num_augmentations < 2:
         raise UsageError(f"--num_augmentations={settings.num_augmentations}: contrastive learning needs >= 2 views")
-    if settings.encoder not in ENCODER_MINIMUM_SIZES:
-        raise UsageError(f"--encoder={settings.encoder}: choose one of {', '.join(ENCODER_MINIMUM_SIZES)}")
     if settings.target_size < ENCODER_MINIMUM_SIZES[settings.encoder]:
         raise UsageError(
             f"--target_size={settings.target_size}: the {settings.encoder} encoder needs images of at least "
@@ -208,20 +270,25 @@ def validate_settings(settings):
         )
     if not 0 <= settings.dropout_rate < 1:
         raise UsageError(f"--dropout_rate={settings.dropout_rate}: must be in [0, 1)")
+    if not 0 < settings.self_label_threshold < 1:
+        raise UsageError(f"--self_label_threshold={settings.self_label_threshold}: must be between 0 and 1")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
+    if settings.eval_data and settings.holdout_images:
+        raise UsageError("set either --eval_data or --holdout_images, not both (use --eval_data= to clear it)")
 
 
 def validate_against_data(settings, num_images):
-    """Rejects settings that the loaded data cannot satisfy."""
+    """Rejects settings that the training images cannot satisfy."""
     if settings.k_neighbours >= num_images:
         raise UsageError(
             f"--k_neighbours={settings.k_neighbours} needs more than {settings.k_neighbours} images, "
-            f"but the data has {num_images}; lower --k_neighbours or add images"
+            f"but the data has {num_images} to train on; lower --k_neighbours or add images"
         )
     if settings.num_clusters > num_images:
         raise UsageError(
-            f"--num_clusters={settings.num_clusters} is more than the {num_images} images; lower --num_clusters"
+            f"--num_clusters={settings.num_clusters} is more than the {num_images} images to train on; "
+            "lower --num_clusters"
         )
 
 
@@ -274,8 +341,8 @@ class Dataset(NamedTuple):
     source: str  # where the images came from, for the report
 
 
-def load_cifar10_download():
-    """Loads CIFAR-10 train+test through `keras.datasets` (downloads it once into ~/.keras/datasets)."""
+def load_cifar10_download(split):
+    """Loads CIFAR-10 through `keras.datasets` (downloaded once into ~/.keras/datasets): "train", "test" or both."""
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # noqa: BLE001  (any download or cache failure gets the same advice)
@@ -283,9 +350,10 @@ def load_cifar10_download():
             f"could not download CIFAR-10 ({str(error).splitlines()[0][:120]}); without internet, point DATA at "
             "local files: --data=path/to/cifar-10-batches-py or --data=path/to/image-folder"
         ) from None
-    images = np.concatenate([x_train, x_test])
-    labels = np.concatenate([y_train, y_test]).reshape(-1)  # [60000, 1] -> [60000]
-    return Dataset(images, labels, list(CIFAR10_CLASSES), "cifar10 (keras.datasets, train+test)")
+    images = {"train": [x_train], "test": [x_test], "train+test": [x_train, x_test]}[split]
+    labels = {"train": [y_train], "test": [y_test], "train+test": [y_train, y_test]}[split]
+    labels = np.concatenate(labels).reshape(-1)  # [n, 1] -> [n]
+    return Dataset(np.concatenate(images), labels, list(CIFAR10_CLASSES), f"cifar10 {split} (keras.datasets)")
 
 
 def is_cifar10_batches_folder(path):
@@ -379,13 +447,17 @@ def load_image_folder(folder, input_size, max_images, seed):
     return Dataset(images, labels, class_names, f"image folder {folder}")
 
 
+CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-test": "test"}
+
+
 def load_dataset(data, input_size, max_images, seed):
-    """Loads the images named by `data`: "cifar10", a cifar-10-batches-py folder or an image folder."""
-    if data == "cifar10":
-        dataset = load_cifar10_download()
+    """Loads the images named by `data`: a CIFAR10_SPLITS name, a cifar-10-batches-py folder or an image folder."""
+    if data in CIFAR10_SPLITS:
+        dataset = load_cifar10_download(CIFAR10_SPLITS[data])
     elif not os.path.exists(data):
         raise UsageError(
-            f"--data={data}: no such file or folder; use cifar10, a cifar-10-batches-py folder or an image folder"
+            f"--data={data}: no such file or folder; use {', '.join(CIFAR10_SPLITS)}, a cifar-10-batches-py folder "
+            "or an image folder"
         )
     elif not os.path.isdir(data):
         raise UsageError(
@@ -407,6 +479,25 @@ def load_dataset(data, input_size, max_images, seed):
     return dataset
 
 
+def split_holdout(dataset, holdout_images, seed):
+    """Splits a seeded random `holdout_images` images off `dataset`: returns (training set, held-out set)."""
+    if holdout_images >= len(dataset.images):
+        raise UsageError(
+            f"--holdout_images={holdout_images} leaves none of the {len(dataset.images)} images to train on; lower it"
+        )
+    held_out = np.zeros(len(dataset.images), dtype=bool)
+    held_out[np.random.default_rng(seed + 1).choice(len(dataset.images), holdout_images, replace=False)] = True
+    subset = lambda mask, name: Dataset(  # noqa: E731
+        dataset.images[mask],
+        None if dataset.labels is None else dataset.labels[mask],
+        dataset.class_names,
+        f"{dataset.source}, {name}",
+    )
+    return subset(~held_out, f"{len(dataset.images) - holdout_images} images"), subset(
+        held_out, f"{holdout_images} held-out images"
+    )
+
+
 """
 ## Implement data preprocessing
 
@@ -426,12 +517,17 @@ def create_data_preprocessing(target_size, images):
 ## Data augmentation
 
 Unlike SimCLR, which randomly picks a single augmentation function, the tutorial applies a set of
-augmentation functions to every input image. The transforms are geometric and fill with the nearest
-pixel, so applying them before or after the per-channel normalization gives the same result.
+augmentation functions to every input image. The transforms are geometric and fill with the nearest pixel,
+so applying them to the raw images before the per-channel normalization, as done here, gives the same
+result as the tutorial's order. `AUGMENTATION = "simclr"` uses SimCLR's augmentations instead (random
+resized crop, horizontal flip, colour jitter, random grayscale), written with `keras.ops` as one batched
+affine resampling plus colour operations.
 """
 
 
-def create_data_augmentation(seed):
+def create_data_augmentation(kind, seed):
+    if kind == "simclr":
+        return ImageAugmentation("simclr", seed=seed, name="data_augmentation")
     return keras.Sequential(
         [
             layers.RandomTranslation(
@@ -443,6 +539,123 @@ def create_data_augmentation(seed):
         ],
         name="data_augmentation",
     )
+
+
+class ImageAugmentation(layers.Layer):
+    """Random augmentation of raw [0, 255] images: one batched affine resampling, then colour operations.
+
+    kind "simclr": random resized crop (area 0.2-1, aspect ratio 3/4-4/3), horizontal flip, colour jitter
+    (brightness, contrast, saturation 0.4, hue 0.1) with probability 0.8, grayscale with probability 0.2.
+    kind "weak": horizontal flip and a whole-pixel shift of up to 1/8 of the side (the usual CIFAR crop).
+    """
+
+    def __init__(self, kind, seed=None, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})  # Pixels stay float32 under mixed precision.
+        self.kind = kind
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=False):
+        images = ops.cast(images, self.compute_dtype)
+        if not training:
+            return images
+        batch_size, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+        if self.kind == "simclr":
+            transforms = random_resized_crop_transforms(batch_size, height, width, self.seed_generator)
+        else:
+            transforms = random_shift_transforms(batch_size, height, width, 0.125, self.seed_generator)
+        images = affine_resample(images, transforms)
+        if self.kind == "simclr":
+            images = random_colour_distortion(images / 255.0, self.seed_generator) * 255.0
+        return images
+
+
+def affine_resample(images, transforms):
+    """Bilinear resampling of images [B, H, W, C] by one affine map per image, edges extended ("nearest" fill).
+
+    transforms [B, 6] = (a0, a1, a2, b0, b1, b2) map each output pixel (x, y) to the input point
+    (a0 x + a1 y + a2, b0 x + b1 y + b2), as in `keras.ops.image.affine_transform`.
+    """
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    transforms = ops.cast(transforms, "float32")
+    ys, xs = ops.meshgrid(ops.arange(height, dtype="float32"), ops.arange(width, dtype="float32"), indexing="ij")
+    # Each coefficient [B] -> [B, 1, 1]. (Reshape, not [:, i, None, None]: TensorFlow's graph optimizer can drop
+    # the new axes of a slice of a stacked tensor.)
+    a0, a1, a2, b0, b1, b2 = [ops.reshape(transforms[:, i], (-1, 1, 1)) for i in range(6)]
+    # Source coordinates [B, H, W], clamped so that points outside take the nearest edge pixel.
+    x = ops.clip(a0 * xs + a1 * ys + a2, 0.0, width - 1.0)
+    y = ops.clip(b0 * xs + b1 * ys + b2, 0.0, height - 1.0)
+    x0, y0 = ops.floor(x), ops.floor(y)
+    weight_x, weight_y = ops.cast((x - x0)[..., None], images.dtype), ops.cast((y - y0)[..., None], images.dtype)
+    x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
+    x1, y1 = ops.minimum(x0 + 1, width - 1), ops.minimum(y0 + 1, height - 1)
+    # pixels shape: [B * H * W, C]; a pixel's row is its image's offset plus y * W + x.
+    pixels = ops.reshape(images, (-1, channels))
+    offsets = ops.reshape(ops.arange(ops.shape(images)[0], dtype="int32") * (height * width), (-1, 1, 1))
+    gather = lambda yy, xx: ops.take(pixels, offsets + yy * width + xx, axis=0)  # noqa: E731  ([B, H, W, C])
+    top = gather(y0, x0) * (1 - weight_x) + gather(y0, x1) * weight_x
+    bottom = gather(y1, x0) * (1 - weight_x) + gather(y1, x1) * weight_x
+    return top * (1 - weight_y) + bottom * weight_y
+
+
+def random_resized_crop_transforms(batch_size, height, width, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """Affine maps [B, 6] of random crops (area share `scale`, aspect `ratio`), resized to the full image and
+    flipped horizontally with probability 0.5."""
+    uniform = lambda low=0.0, high=1.0: keras.random.uniform((batch_size,), low, high, seed=seed)  # noqa: E731
+    area = uniform(*scale)
+    aspect = ops.exp(uniform(np.log(ratio[0]), np.log(ratio[1])))
+    crop_width = ops.minimum(ops.sqrt(area * aspect), 1.0)  # as a share of the width
+    crop_height = ops.minimum(ops.sqrt(area / aspect), 1.0)
+    left = uniform() * (1.0 - crop_width) * width
+    top = uniform() * (1.0 - crop_height) * height
+    flip = uniform() < 0.5
+    # Pixel centres: output x + 0.5 lands on left + (x + 0.5) * crop_width; a flip first maps x to W - 1 - x.
+    a0 = ops.where(flip, -crop_width, crop_width)
+    a2 = left - 0.5 + crop_width * ops.where(flip, width - 0.5, 0.5)
+    zeros = ops.zeros_like(a0)
+    return ops.stack([a0, zeros, a2, zeros, crop_height, top - 0.5 + 0.5 * crop_height], axis=1)
+
+
+def random_shift_transforms(batch_size, height, width, max_shift, seed):
+    """Affine maps [B, 6] of whole-pixel shifts up to `max_shift` of the side, flipped with probability 0.5."""
+    uniform = lambda low, high: keras.random.uniform((batch_size,), low, high, seed=seed)  # noqa: E731
+    shift_x = ops.round(uniform(-max_shift, max_shift) * width)
+    shift_y = ops.round(uniform(-max_shift, max_shift) * height)
+    flip = uniform(0.0, 1.0) < 0.5
+    ones, zeros = ops.ones_like(shift_x), ops.zeros_like(shift_x)
+    a0 = ops.where(flip, -ones, ones)
+    a2 = ops.where(flip, width - 1.0, 0.0) - shift_x
+    return ops.stack([a0, zeros, a2, zeros, ones, -shift_y], axis=1)
+
+
+RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+# A hue rotation by theta is YIQ_TO_RGB @ rotation(theta) @ RGB_TO_YIQ = HUE_FIXED + cos * HUE_COS + sin * HUE_SIN.
+HUE_FIXED = np.linalg.inv(RGB_TO_YIQ) @ np.diag([1.0, 0.0, 0.0]) @ RGB_TO_YIQ
+HUE_COS = np.linalg.inv(RGB_TO_YIQ) @ np.diag([0.0, 1.0, 1.0]) @ RGB_TO_YIQ
+HUE_SIN = np.linalg.inv(RGB_TO_YIQ) @ np.array([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]) @ RGB_TO_YIQ
+
+
+def grayscale(images):
+    """Luma of RGB images [B, H, W, 3] -> [B, H, W, 1] (ITU-R 601 weights)."""
+    return ops.sum(images * ops.convert_to_tensor([0.299, 0.587, 0.114], dtype=images.dtype), axis=-1, keepdims=True)
+
+
+def random_colour_distortion(images, seed, strength=(0.4, 0.4, 0.4, 0.1), jitter_probability=0.8, gray_probability=0.2):
+    """SimCLR's colour distortion of [0, 1] images: jitter brightness, contrast, saturation and hue (in that
+    order, each clipped to [0, 1]) with probability `jitter_probability`, then grayscale with `gray_probability`."""
+    batch_size = ops.shape(images)[0]
+    uniform = lambda low=0.0, high=1.0: keras.random.uniform((batch_size, 1, 1, 1), low, high, seed=seed)  # noqa: E731
+    brightness, contrast, saturation, hue = strength
+    jittered = ops.clip(images * uniform(1 - brightness, 1 + brightness), 0, 1)
+    mean = ops.mean(grayscale(jittered), axis=(1, 2, 3), keepdims=True)
+    jittered = ops.clip((jittered - mean) * uniform(1 - contrast, 1 + contrast) + mean, 0, 1)
+    gray = grayscale(jittered)
+    jittered = ops.clip((jittered - gray) * uniform(1 - saturation, 1 + saturation) + gray, 0, 1)
+    angle = uniform(-hue, hue)[:, 0, 0] * 2 * np.pi  # [B, 1]
+    # hue_matrices shape: [B, 3, 3].
+    hue_matrices = HUE_FIXED + ops.cos(angle)[..., None] * HUE_COS + ops.sin(angle)[..., None] * HUE_SIN
+    jittered = ops.clip(ops.einsum("bhwc,bdc->bhwd", jittered, ops.cast(hue_matrices, images.dtype)), 0, 1)
+    images = ops.where(uniform() < jitter_probability, jittered, images)
+    return ops.where(uniform() < gray_probability, ops.repeat(grayscale(images), 3, axis=-1), images)
 
 
 def plot_augmentations(image, title, data_augmentation, path):
@@ -465,38 +678,74 @@ def plot_augmentations(image, title, data_augmentation, path):
 ### Implement the vision encoder
 
 The tutorial's encoder is a ResNet50V2 trained from scratch, followed by a dense layer that outputs the
-representation vector. `"small"` swaps the ResNet for four 3x3 convolutions (32-64-128-256 channels, with a
-2x2 max-pool before each but the first): fast enough for a CPU and for the tests.
+representation vector. The SCAN paper's CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool, four stages of
+two basic blocks, 64-128-256-512 channels) and a small 4-layer CNN, fast enough for a CPU, can replace it.
 """
 
-ENCODER_MINIMUM_SIZES = {"resnet50v2": 32, "small": 8}  # smallest TARGET_SIZE each encoder accepts
+ENCODER_MINIMUM_SIZES = {"resnet50v2": 32, "resnet18": 8, "small": 8}  # smallest TARGET_SIZE of each encoder
 
 
 def create_encoder(encoder_name, representation_dim, target_size):
-    if encoder_name == "resnet50v2":
-        backbone = keras.applications.ResNet50V2(include_top=False, weights=None, pooling="avg")
-    else:
-        backbone = keras.Sequential(
-            [
-                *conv_block(32),  # 32x32
-                layers.MaxPooling2D(),
-                *conv_block(64),  # 16x16
-                layers.MaxPooling2D(),
-                *conv_block(128),  # 8x8
-                layers.MaxPooling2D(),
-                *conv_block(256),  # 4x4
-                layers.GlobalAveragePooling2D(),
-            ],
-            name="small_cnn",
-        )
     return keras.Sequential(
-        [keras.Input((target_size, target_size, 3)), backbone, layers.Dense(representation_dim)], name="encoder"
+        [keras.Input((target_size, target_size, 3)), create_backbone(encoder_name), layers.Dense(representation_dim)],
+        name="encoder",
     )
 
 
-def conv_block(filters):
+def create_backbone(encoder_name):
+    """The convolutional part of the encoder: images -> pooled features."""
+    if encoder_name == "resnet50v2":
+        return keras.applications.ResNet50V2(include_top=False, weights=None, pooling="avg")
+    if encoder_name == "resnet18":
+        return create_cifar_resnet18()
+    return keras.Sequential(
+        [
+            *conv_block(32),  # 32x32
+            layers.MaxPooling2D(),
+            *conv_block(64),  # 16x16
+            layers.MaxPooling2D(),
+            *conv_block(128),  # 8x8
+            layers.MaxPooling2D(),
+            *conv_block(256),  # 4x4
+            layers.GlobalAveragePooling2D(),
+        ],
+        name="small_cnn",
+    )
+
+
+def conv_block(filters, strides=1):
     """3x3 convolution, batch normalisation, ReLU."""
-    return [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU()]
+    return [
+        layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False),
+        layers.BatchNormalization(),
+        layers.ReLU(),
+    ]
+
+
+def create_cifar_resnet18():
+    """ResNet-18 for 32x32 images, as in the SCAN code: 512 pooled features, about 11.2M parameters."""
+    inputs = keras.Input((None, None, 3))
+    x = inputs
+    for layer in conv_block(64):
+        x = layer(x)
+    for filters, strides in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        x = basic_block(x, filters, strides)
+        x = basic_block(x, filters, 1)
+    return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name="resnet18")
+
+
+def basic_block(x, filters, strides):
+    """Two 3x3 convolutions with a shortcut, projected by a 1x1 convolution when the shape changes."""
+    residual = x
+    for layer in conv_block(filters, strides):
+        residual = layer(residual)
+    residual = layers.Conv2D(filters, 3, padding="same", use_bias=False)(residual)
+    residual = layers.BatchNormalization()(residual)
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x)
+        shortcut = layers.BatchNormalization()(shortcut)
+    return layers.ReLU()(layers.Add()([residual, shortcut]))
 
 
 """
@@ -522,6 +771,19 @@ def tutorial_contrastive_loss(feature_vectors, batch_size, temperature, l2_norma
     return ops.mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
 
 
+def nt_xent_loss(feature_vectors, batch_size, temperature):
+    """SimCLR's NT-Xent: each view's positive is the other view of its image; its own similarity is masked out."""
+    num_augmentations = ops.shape(feature_vectors)[0] // batch_size
+    feature_vectors = ops.normalize(feature_vectors, axis=-1)
+    # The logits shape is [num_augmentations * batch_size, num_augmentations * batch_size].
+    logits = ops.matmul(feature_vectors, ops.transpose(feature_vectors)) / temperature
+    is_self = ops.eye(num_augmentations * batch_size, dtype=logits.dtype)
+    logits = logits - 1e9 * is_self
+    positives = ops.tile(ops.eye(batch_size, dtype=logits.dtype), [num_augmentations, num_augmentations]) - is_self
+    targets = positives / ops.cast(num_augmentations - 1, logits.dtype)
+    return ops.mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+
+
 class RepresentationLearner(keras.Model):
     def __init__(
         self,
@@ -533,39 +795,45 @@ class RepresentationLearner(keras.Model):
         temperature=1.0,
         dropout_rate=0.1,
         l2_normalize=False,
+        projection_head="tutorial",
+        contrastive_loss="tutorial",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.encoder = encoder
-        # Create projection head.
-        self.projector = keras.Sequential(
-            [
+        # Create projection head: the tutorial's, or SimCLR's two-layer MLP.
+        if projection_head == "tutorial":
+            head = [
                 layers.Dropout(dropout_rate),
                 layers.Dense(units=projection_units, use_bias=False),
                 layers.BatchNormalization(),
                 layers.ReLU(),
-            ],
-            name="projector",
-        )
+            ]
+        else:
+            head = [layers.Dense(encoder.output_shape[-1], activation="relu"), layers.Dense(projection_units)]
+        self.projector = keras.Sequential(head, name="projector")
         self.num_augmentations = num_augmentations
         self.data_preprocessing = data_preprocessing
         self.data_augmentation = data_augmentation
         self.temperature = temperature
         self.l2_normalize = l2_normalize
+        self.contrastive_loss = contrastive_loss
 
     def call(self, inputs, training=False):
-        # Preprocess the input images.
-        preprocessed = self.data_preprocessing(inputs)
         # Create augmented versions of the images: [num_augmentations * batch_size, height, width, 3].
         augmented = ops.concatenate(
-            [self.data_augmentation(preprocessed, training=training) for _ in range(self.num_augmentations)], axis=0
+            [self.data_augmentation(inputs, training=training) for _ in range(self.num_augmentations)], axis=0
         )
+        # Preprocess the augmented images.
+        preprocessed = self.data_preprocessing(augmented)
         # Generate embedding representations of the images.
-        features = self.encoder(augmented, training=training)
+        features = self.encoder(preprocessed, training=training)
         # Apply projection head.
         return self.projector(features, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.contrastive_loss == "ntxent":
+            return nt_xent_loss(y_pred, ops.shape(x)[0], self.temperature)
         return tutorial_contrastive_loss(y_pred, ops.shape(x)[0], self.temperature, self.l2_normalize)
 
 
@@ -582,8 +850,9 @@ def train_representation_learner(
 ):
     """Trains the contrastive learner, resuming from `backup_dir`; returns the history of every epoch."""
     # Create a cosine decay learning rate scheduler.
+    steps_per_epoch = -(-len(images) // batch_size)
     lr_scheduler = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate, decay_steps=decay_steps, alpha=decay_alpha
+        initial_learning_rate=learning_rate, decay_steps=decay_steps or epochs * steps_per_epoch, alpha=decay_alpha
     )
     learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay))
     learner(images[:2].astype("float32"))  # Builds the projection head, so that a checkpoint can be restored.
@@ -691,9 +960,11 @@ The features of every image are L2-normalised, so a dot product is a cosine simi
 """
 
 
-def compute_embeddings(encoder, images, batch_size):
+def compute_embeddings(encoder, images, batch_size, data_preprocessing=None):
+    """L2-normalised features of the images; `data_preprocessing=None` keeps the tutorial's raw-pixel quirk."""
     # Tutorial quirk: the encoder embeds the raw pixels, without the normalization it was trained with.
-    feature_vectors = encoder.predict(images, batch_size=batch_size, verbose=fit_verbosity())
+    embedder = encoder if data_preprocessing is None else keras.Sequential([data_preprocessing, encoder])
+    feature_vectors = embedder.predict(images, batch_size=batch_size, verbose=fit_verbosity())
     if not np.isfinite(feature_vectors).all():
         raise UsageError("the encoder produced NaN or infinite features; lower --representation_learning_rate")
     return feature_vectors / np.maximum(np.linalg.norm(feature_vectors, axis=-1, keepdims=True), 1e-12)
@@ -725,6 +996,11 @@ def mine_neighbours(feature_vectors, k_neighbours, batch_size):
     return neighbour_indices
 
 
+def neighbour_purity(neighbour_indices, labels):
+    """The share of mined neighbours whose label equals their anchor's (the SCAN paper's check of the features)."""
+    return float(np.mean(labels[neighbour_indices] == labels[:, None]))
+
+
 def plot_neighbours(images, labels, class_names, neighbour_indices, anchors, path):
     """Saves one row per anchor: the anchor image, then its neighbours."""
     ncols = neighbour_indices.shape[1] + 1
@@ -749,14 +1025,16 @@ This loss tries to make sure that neighbours have the same clustering assignment
 
 
 class ClustersConsistencyLoss(keras.losses.Loss):
-    def __init__(self, name="clusters_consistency"):
+    def __init__(self, from_logits=True, name="clusters_consistency"):
         super().__init__(name=name)
+        self.from_logits = from_logits
 
     def call(self, target, similarity):
         # Set targets to be ones.
         target = ops.ones_like(similarity)
-        # Tutorial quirk: `similarity` is a dot product of probabilities, yet it is treated as a logit.
-        loss = keras.losses.binary_crossentropy(y_true=target, y_pred=similarity, from_logits=True)
+        # Tutorial quirk (from_logits=True): `similarity` is a dot product of probabilities, yet it is treated as
+        # a logit. With from_logits=False this is SCAN's loss, -log <p_anchor, p_neighbour>.
+        loss = keras.losses.binary_crossentropy(y_true=target, y_pred=similarity, from_logits=self.from_logits)
         return ops.mean(loss)
 
 
@@ -769,43 +1047,43 @@ the instances to one cluster.
 
 
 class ClustersEntropyLoss(keras.losses.Loss):
-    def __init__(self, entropy_loss_weight=1.0, name="clusters_entropy"):
+    def __init__(self, entropy_loss_weight=1.0, apply_weight=False, name="clusters_entropy"):
         super().__init__(name=name)
-        # Tutorial quirk: the weight is stored but never used.
+        # Tutorial quirk (apply_weight=False): the weight is stored but never used.
         self.entropy_loss_weight = entropy_loss_weight
+        self.apply_weight = apply_weight
 
     def call(self, target, cluster_probabilities):
         # Ideal entropy = log(num_clusters).
         num_clusters = ops.cast(ops.shape(cluster_probabilities)[-1], "float32")
         target = ops.log(num_clusters)
         # Compute the overall clusters distribution.
-        cluster_probabilities = ops.mean(cluster_probabilities, axis=0)
+        cluster_probabilities = ops.mean(ops.cast(cluster_probabilities, "float32"), axis=0)
         # Replacing zero probabilities - if any - with a very small value.
         cluster_probabilities = ops.clip(cluster_probabilities, 1e-8, 1.0)
         # Compute the entropy over the clusters.
         entropy = -ops.sum(cluster_probabilities * ops.log(cluster_probabilities))
-        # Compute the difference between the target and the actual.
-        return target - entropy
+        # Compute the difference between the target and the actual (SCAN: minus the weighted entropy, up to a constant).
+        return (self.entropy_loss_weight if self.apply_weight else 1.0) * (target - entropy)
 
 
 """
 ### Implement clustering model
 
 This model takes a raw image as input, generates its feature vector with the trained encoder, and
-produces a probability distribution over the clusters given the feature vector.
+produces a probability distribution over the clusters given the feature vector. The learners below apply the
+data augmentation to its inputs during training (the tutorial applies it inside; the result is the same).
 """
 
 
-def create_clustering_model(encoder, num_clusters, input_size, data_preprocessing, data_augmentation, name=None):
+def create_clustering_model(encoder, num_clusters, input_size, data_preprocessing, name=None):
     inputs = keras.Input(shape=(input_size, input_size, 3))
     # Preprocess the input images.
     preprocessed = data_preprocessing(inputs)
-    # Apply data augmentation to the images.
-    augmented = data_augmentation(preprocessed)
     # Generate embedding representations of the images.
-    features = encoder(augmented)
+    features = encoder(preprocessed)
     # Assign the images to clusters.
-    outputs = layers.Dense(units=num_clusters, activation="softmax")(features)
+    outputs = layers.Dense(units=num_clusters, activation="softmax", dtype="float32")(features)
     # Create the model.
     return keras.Model(inputs=inputs, outputs=outputs, name=name)
 
@@ -821,16 +1099,17 @@ clustering model, and produces two outputs:
 """
 
 
-def create_clustering_learner(clustering_model, k_neighbours, input_size):
+def create_clustering_learner(clustering_model, data_augmentation, k_neighbours, input_size):
+    """`k_neighbours` is the number of neighbours given per anchor: K, or 1 when one is sampled per step."""
     input_shape = (input_size, input_size, 3)
     anchor = keras.Input(shape=input_shape, name="anchors")
     neighbours = keras.Input(shape=(k_neighbours,) + input_shape, name="neighbours")
     # Changes neighbours shape to [batch_size * k_neighbours, height, width, channels].
     neighbours_reshaped = ops.reshape(neighbours, (-1,) + input_shape)
     # anchor_clustering shape: [batch_size, num_clusters].
-    anchor_clustering = clustering_model(anchor)
+    anchor_clustering = clustering_model(data_augmentation(anchor))
     # neighbours_clustering shape: [batch_size * k_neighbours, num_clusters].
-    neighbours_clustering = clustering_model(neighbours_reshaped)
+    neighbours_clustering = clustering_model(data_augmentation(neighbours_reshaped))
     # Converts neighbours_clustering shape to [batch_size, k_neighbours, num_clusters].
     neighbours_clustering = ops.reshape(neighbours_clustering, (-1, k_neighbours, ops.shape(neighbours_clustering)[-1]))
     # similarity shape: [batch_size, 1, k_neighbours].
@@ -841,13 +1120,18 @@ def create_clustering_learner(clustering_model, k_neighbours, input_size):
 
 
 class NeighbourBatches(keras.utils.PyDataset):
-    """Batches of anchors and their neighbour images, gathered per batch so memory stays flat in k and N."""
+    """Batches of anchors and their neighbour images, gathered per batch so memory stays flat in k and N.
 
-    def __init__(self, images, neighbour_indices, batch_size, seed, **kwargs):
+    With `sample_one_neighbour`, each anchor comes with one of its neighbours drawn at random (SCAN);
+    otherwise with all of them (the tutorial).
+    """
+
+    def __init__(self, images, neighbour_indices, batch_size, seed, sample_one_neighbour=False, **kwargs):
         super().__init__(**kwargs)
         self.images = images
         self.neighbour_indices = neighbour_indices
         self.batch_size = batch_size
+        self.sample_one_neighbour = sample_one_neighbour
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(images))
 
@@ -856,8 +1140,13 @@ class NeighbourBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         anchors = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        # neighbours shape: [batch_size, k_neighbours, height, width, 3].
-        inputs = {"anchors": self.images[anchors], "neighbours": self.images[self.neighbour_indices[anchors]]}
+        neighbours = self.neighbour_indices[anchors]  # [batch_size, k_neighbours]
+        if self.sample_one_neighbour:
+            neighbours = np.take_along_axis(
+                neighbours, self.rng.integers(neighbours.shape[1], size=(len(anchors), 1)), 1
+            )
+        # neighbours images shape: [batch_size, k_neighbours or 1, height, width, 3].
+        inputs = {"anchors": self.images[anchors], "neighbours": self.images[neighbours]}
         # The losses ignore their targets, as in the tutorial.
         targets = np.ones(len(anchors), dtype="float32")
         return inputs, (targets, targets)
@@ -867,14 +1156,79 @@ class NeighbourBatches(keras.utils.PyDataset):
 
 
 def train_clustering_learner(
-    clustering_learner, batches, epochs, learning_rate, weight_decay, entropy_loss_weight, backup_dir
+    clustering_learner, batches, epochs, learning_rate, weight_decay, entropy_loss_weight, scan_loss, backup_dir
 ):
     """Trains the clustering learner, resuming from `backup_dir`; returns the history of every epoch."""
-    # Instantiate the model losses.
-    losses = [ClustersConsistencyLoss(), ClustersEntropyLoss(entropy_loss_weight=entropy_loss_weight)]
+    # Instantiate the model losses: the tutorial's, or SCAN's when `scan_loss`.
+    losses = [
+        ClustersConsistencyLoss(from_logits=not scan_loss),
+        ClustersEntropyLoss(entropy_loss_weight=entropy_loss_weight, apply_weight=scan_loss),
+    ]
     clustering_learner.compile(optimizer=create_adamw(learning_rate, weight_decay), loss=losses)
     return fit_resumable(
         clustering_learner, backup_dir, "clustering", "lower --clustering_learning_rate", x=batches, epochs=epochs
+    )
+
+
+"""
+## Self-labeling
+
+SCAN's last step (not in the tutorial): the clustering model is fine-tuned on its own confident predictions.
+An image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on a weakly augmented view (flip and shift)
+takes that cluster as its pseudo-label; the model learns it on a strongly augmented view (`AUGMENTATION`)
+with cross-entropy weighted so that every cluster counts equally.
+"""
+
+
+def self_label_targets(weak_probabilities, threshold):
+    """Returns (pseudo-labels, weights) for probabilities [B, K]: weight 0 below `threshold`, else the confident
+    count over the count of confident images with the same pseudo-label (class balancing)."""
+    num_clusters = ops.shape(weak_probabilities)[-1]
+    pseudo_labels = ops.argmax(weak_probabilities, axis=-1)
+    confident = ops.cast(ops.max(weak_probabilities, axis=-1) > threshold, "float32")
+    # counts shape: [num_clusters]; confident images per pseudo-label.
+    counts = ops.sum(ops.one_hot(pseudo_labels, num_clusters) * confident[:, None], axis=0)
+    weights = confident * ops.sum(confident) / ops.maximum(ops.take(counts, pseudo_labels), 1.0)
+    return pseudo_labels, weights
+
+
+def self_label_loss(weak_probabilities, strong_probabilities, threshold):
+    """Class-balanced cross-entropy of the strong view against the weak view's confident pseudo-labels."""
+    pseudo_labels, weights = self_label_targets(ops.stop_gradient(weak_probabilities), threshold)
+    probabilities = ops.take_along_axis(ops.cast(strong_probabilities, "float32"), pseudo_labels[:, None], axis=1)
+    cross_entropy = -ops.log(ops.clip(probabilities[:, 0], 1e-7, 1.0))
+    return ops.sum(weights * cross_entropy) / ops.maximum(ops.sum(weights), 1e-12)
+
+
+class SelfLabelLearner(keras.Model):
+    def __init__(self, clustering_model, weak_augmentation, strong_augmentation, threshold, **kwargs):
+        super().__init__(**kwargs)
+        self.clustering_model = clustering_model
+        self.weak_augmentation = weak_augmentation
+        self.strong_augmentation = strong_augmentation
+        self.threshold = threshold
+
+    def call(self, images, training=False):
+        # Pseudo-labels come from a weak view (in the same mode, as in SCAN's code); the model learns on a strong view.
+        weak = self.clustering_model(self.weak_augmentation(images, training=training), training=training)
+        strong = self.clustering_model(self.strong_augmentation(images, training=training), training=training)
+        return weak, strong
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self_label_loss(y_pred[0], y_pred[1], self.threshold)
+
+
+def train_self_labeling(learner, images, batch_size, epochs, learning_rate, weight_decay, backup_dir):
+    """Trains the self-label learner, resuming from `backup_dir`; returns the history of every epoch."""
+    learner.compile(optimizer=create_adamw(learning_rate, weight_decay))
+    return fit_resumable(
+        learner,
+        backup_dir,
+        "self-labeling",
+        "lower --self_label_learning_rate",
+        x=images,
+        batch_size=batch_size,
+        epochs=epochs,
     )
 
 
@@ -902,11 +1256,15 @@ majority label.
 """
 
 
+def contingency_table(cluster_assignments, labels, num_clusters, num_classes):
+    """Returns counts [num_clusters, num_classes]: how many images of each class each cluster holds."""
+    counts = np.bincount(cluster_assignments * num_classes + labels, minlength=num_clusters * num_classes)
+    return counts.reshape(num_clusters, num_classes)  # [num_clusters * num_classes] -> [num_clusters, num_classes]
+
+
 def majority_label_report(cluster_assignments, labels, num_clusters, num_classes):
     """Returns sizes, majority labels and accuracies (in %) per cluster, and the overall accuracy (in %)."""
-    # counts shape: [num_clusters, num_classes].
-    counts = np.bincount(cluster_assignments * num_classes + labels, minlength=num_clusters * num_classes)
-    counts = counts.reshape(num_clusters, num_classes)
+    counts = contingency_table(cluster_assignments, labels, num_clusters, num_classes)
     sizes = counts.sum(axis=1)
     majority_labels = counts.argmax(axis=1)
     correct = counts.max(axis=1)
@@ -918,6 +1276,76 @@ def majority_label_report(cluster_assignments, labels, num_clusters, num_classes
         "accuracies": accuracies.tolist(),
         "overall_accuracy": overall,
     }
+
+
+"""
+### Hungarian accuracy, NMI and ARI
+
+Beyond the tutorial, the SCAN paper's metrics: the accuracy of the best one-to-one matching of clusters to
+classes (the Hungarian method, scipy's `linear_sum_assignment`), normalised mutual information and the
+adjusted Rand index (scikit-learn). With more clusters than classes a one-to-one matching leaves clusters
+unmatched, so `acc` then uses the many-to-one majority mapping of the report above.
+"""
+
+
+def clustering_scores(cluster_assignments, labels, num_clusters, num_classes):
+    """Returns acc, hungarian_acc, majority_acc, nmi, ari, the mapping behind acc, and the matching."""
+    counts = contingency_table(cluster_assignments, labels, num_clusters, num_classes)
+    matched_clusters, matched_classes = linear_sum_assignment(counts, maximize=True)
+    hungarian = counts[matched_clusters, matched_classes].sum() / len(labels)
+    majority = counts.max(axis=1).sum() / len(labels)
+    many_to_one = num_clusters > num_classes
+    return {
+        "acc": float(majority if many_to_one else hungarian),
+        "accuracy_mapping": "many-to-one majority" if many_to_one else "one-to-one Hungarian",
+        "hungarian_acc": float(hungarian),
+        "majority_acc": float(majority),
+        "nmi": float(normalized_mutual_info_score(labels, cluster_assignments)),
+        "ari": float(adjusted_rand_score(labels, cluster_assignments)),
+        "matching": {int(c): int(k) for c, k in zip(matched_clusters, matched_classes, strict=True)},
+    }
+
+
+def plot_confusion_matrix(counts, class_names, matching, title, path):
+    """Saves the cluster x class counts, clusters ordered by their matched class."""
+    order = sorted(range(len(counts)), key=lambda cluster: matching.get(cluster, len(class_names) + cluster))
+    figure, axis = plt.subplots(figsize=(1 + 0.6 * len(class_names), 1 + 0.45 * len(counts)))
+    axis.imshow(counts[order], cmap="Blues", aspect="auto")
+    for row, cluster in enumerate(order):
+        for col in range(len(class_names)):
+            axis.text(col, row, counts[cluster, col], ha="center", va="center", fontsize=7)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(order)), [f"cluster {cluster}" for cluster in order])
+    axis.set_title(title)
+    save_figure(figure, path)
+
+
+def evaluate_split(split, description, clustering_probs, labels, class_names, output_path):
+    """Prints the SCAN metrics of one split and saves its confusion matrix; returns the metrics."""
+    num_clusters = clustering_probs.shape[1]
+    cluster_assignments, _ = assign_clusters(clustering_probs)
+    metrics = {
+        "images": len(clustering_probs),
+        "cluster_sizes": np.bincount(cluster_assignments, minlength=num_clusters).tolist(),
+    }
+    if labels is None:
+        print(f"{split} split ({description}): no labels, so no accuracy")
+        return metrics
+    metrics.update(clustering_scores(cluster_assignments, labels, num_clusters, len(class_names)))
+    print(
+        f"{split} split ({description}): accuracy {metrics['acc']:.2%} ({metrics['accuracy_mapping']} mapping), "
+        f"NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f}"
+    )
+    if num_clusters > len(class_names):
+        print(
+            f"  {num_clusters} clusters for {len(class_names)} classes: accuracy maps each cluster to its majority class"
+        )
+    counts = contingency_table(cluster_assignments, labels, num_clusters, len(class_names))
+    title = f"{split} split: {len(labels)} images, accuracy {metrics['acc']:.2%}"
+    plot_confusion_matrix(
+        counts, class_names, metrics.pop("matching"), title, output_path(f"confusion_matrix_{split}.png")
+    )
+    return metrics
 
 
 """
@@ -1129,21 +1557,29 @@ def main(argv=None):
     """Runs every stage in the tutorial's order; returns the metrics that metrics.json records."""
     with open(__file__) as file:
         comments = read_settings_block(file.read())
-    settings = parse_settings(argv, {name: globals()[name] for name in comments}, comments)
-    validate_settings(settings)
+    settings = parse_settings(argv, {name: globals()[name] for name in comments}, comments, RECIPES)
+    validate_settings(settings, CHOICES)
     check_output_dir(settings.output_dir)
     keras.utils.set_random_seed(settings.seed)
-    print(f"Keras {keras.__version__}, backend {describe_devices()}")
+    print(f"Keras {keras.__version__}, backend {describe_devices()}, recipe {settings.recipe}")
     timings = {}
 
     with stage_timer(timings, "data"):
-        dataset = load_dataset(settings.data, settings.input_size, settings.max_images, settings.seed)
+        subset_size = settings.max_images + settings.holdout_images if settings.max_images else 0
+        dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
+        eval_set = None
+        if settings.holdout_images:
+            dataset, eval_set = split_holdout(dataset, settings.holdout_images, settings.seed)
+        elif settings.eval_data:
+            eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
         validate_against_data(settings, len(dataset.images))
         x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
         print(f"data: {dataset.source}")
         print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
         if classes is not None:
             print(f"{len(classes)} classes: {', '.join(classes)}")
+        if eval_set is not None:
+            print(f"evaluation data: {eval_set.source} (never trained on)")
         fingerprints = stage_fingerprints(data_fingerprint(dataset), vars(settings), STAGE_SETTINGS)
     # Every check has passed: only now is anything written.
     cache = StageCache(os.path.join(settings.output_dir, "cache"), settings.resume)
@@ -1152,7 +1588,7 @@ def main(argv=None):
 
     with stage_timer(timings, "preprocessing"):
         data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
-        data_augmentation = create_data_augmentation(settings.seed)
+        data_augmentation = create_data_augmentation(settings.augmentation, settings.seed)
         image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
         title = classes[y_data[image_idx]] if classes else ""
         plot_augmentations(x_data[image_idx], title, data_augmentation, output_path("augmentations.png"))
@@ -1169,6 +1605,8 @@ def main(argv=None):
             temperature=settings.temperature,
             dropout_rate=settings.dropout_rate,
             l2_normalize=settings.l2_normalize,
+            projection_head=settings.projection_head,
+            contrastive_loss=settings.contrastive_loss,
         )
         representation_history = cache.trained_model(
             "representation",
@@ -1195,7 +1633,12 @@ def main(argv=None):
             "embeddings",
             fingerprints["embeddings"],
             "embeddings",
-            lambda: compute_embeddings(encoder, x_data, settings.embedding_batch_size),
+            lambda: compute_embeddings(
+                encoder,
+                x_data,
+                settings.embedding_batch_size,
+                None if settings.embed_raw_pixels else data_preprocessing,
+            ),
         )
         neighbours = cache.array(
             "neighbours",
@@ -1203,6 +1646,11 @@ def main(argv=None):
             "neighbour mining",
             lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
         )
+        purity = None if y_data is None else neighbour_purity(neighbours, y_data)
+        if purity is not None:
+            print(
+                f"neighbour purity: {purity:.2%} of the {settings.k_neighbours} neighbours share their anchor's label"
+            )
         anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
         plot_neighbours(x_data, y_data, classes, neighbours, anchors, output_path("neighbours.png"))
 
@@ -1212,14 +1660,12 @@ def main(argv=None):
         for layer in encoder.layers:
             layer.trainable = settings.tune_encoder_during_clustering
         clustering_model = create_clustering_model(
-            encoder,
-            settings.num_clusters,
-            settings.input_size,
-            data_preprocessing,
-            data_augmentation,
-            name="clustering",
+            encoder, settings.num_clusters, settings.input_size, data_preprocessing, name="clustering"
         )
-        clustering_learner = create_clustering_learner(clustering_model, settings.k_neighbours, settings.input_size)
+        neighbours_per_anchor = 1 if settings.sample_one_neighbour else settings.k_neighbours
+        clustering_learner = create_clustering_learner(
+            clustering_model, data_augmentation, neighbours_per_anchor, settings.input_size
+        )
         clustering_history = cache.trained_model(
             "clustering",
             fingerprints["clustering"],
@@ -1227,15 +1673,30 @@ def main(argv=None):
             clustering_model,
             lambda backup_dir: train_clustering_learner(
                 clustering_learner,
-                NeighbourBatches(x_data, neighbours, settings.batch_size, settings.seed),
+                NeighbourBatches(x_data, neighbours, settings.batch_size, settings.seed, settings.sample_one_neighbour),
                 settings.clustering_epochs,
                 settings.clustering_learning_rate,
                 settings.weight_decay,
                 settings.entropy_loss_weight,
+                settings.clustering_loss == "scan",
                 backup_dir,
             ),
         )
         plot_loss_history(clustering_history, output_path("clustering_loss.png"))
+
+    self_label_history = {}
+    if settings.self_label_epochs:
+        print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
+        with stage_timer(timings, "self_labeling"):
+            self_label_history = cache.trained_model(
+                "self_labeling",
+                fingerprints["self_labeling"],
+                "self-labeling",
+                clustering_model,
+                lambda backup_dir: run_self_labeling(clustering_model, x_data, settings, backup_dir),
+            )
+            if self_label_history:
+                plot_loss_history({"self-label loss": self_label_history["loss"]}, output_path("self_label_loss.png"))
 
     print("\n## Cluster analysis")
     with stage_timer(timings, "cluster_analysis"):
@@ -1248,19 +1709,71 @@ def main(argv=None):
         metrics = report_clusters(
             clustering_probs, y_data, classes, settings.prototypes_per_cluster, x_data, output_path
         )
+        splits = {
+            "train": evaluate_split("train", "the images trained on", clustering_probs, y_data, classes, output_path)
+        }
+        if eval_set is not None:
+            eval_probs = clustering_model.predict(eval_set.images, batch_size=settings.embedding_batch_size, verbose=0)
+            splits["eval"] = evaluate_split(
+                "eval", "held-out images", eval_probs, eval_set.labels, eval_set.class_names, output_path
+            )
 
     metrics.update(
         data=dataset.source,
         images=len(x_data),
         backend=describe_devices(),
-        losses={"representation": representation_history["loss"], "clustering": clustering_history},
+        neighbour_purity=purity,
+        splits=splits,
+        losses={
+            "representation": representation_history["loss"],
+            "clustering": clustering_history,
+            "self_labeling": self_label_history,
+        },
         timings_seconds=timings,
         settings=vars(settings),
     )
     save_json(metrics, output_path("metrics.json"))
     print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
     print(f"figures and metrics.json are in {settings.output_dir}")
+    split = "eval" if "eval" in splits else "train"
+    print(result_line(split, splits[split], settings.num_clusters))
     return metrics
+
+
+def run_self_labeling(clustering_model, images, settings, backup_dir):
+    """Self-labels the clustering model unless no image is confident enough; returns the history."""
+    confidence = np.max(clustering_model.predict(images, batch_size=settings.embedding_batch_size, verbose=0), axis=-1)
+    confident = int(np.sum(confidence > settings.self_label_threshold))
+    print(
+        f"self-labeling: {confident} of {len(images)} images are more than {settings.self_label_threshold:.0%} confident"
+    )
+    if not confident:
+        print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")
+        return {}
+    learner = SelfLabelLearner(
+        clustering_model,
+        ImageAugmentation("weak", seed=settings.seed + 7),
+        create_data_augmentation(settings.augmentation, settings.seed + 11),
+        settings.self_label_threshold,
+    )
+    learner(images[:2].astype("float32"))  # Builds the learner, so that a checkpoint can be restored.
+    return train_self_labeling(
+        learner,
+        images,
+        settings.batch_size,
+        settings.self_label_epochs,
+        settings.self_label_learning_rate,
+        settings.weight_decay,
+        backup_dir,
+    )
+
+
+def result_line(split, metrics, num_clusters):
+    """The last line the script prints: one parseable summary."""
+    scores = (
+        "" if "acc" not in metrics else f" acc={metrics['acc']:.4f} nmi={metrics['nmi']:.4f} ari={metrics['ari']:.4f}"
+    )
+    return f"RESULT split={split} images={metrics['images']} clusters={num_clusters}{scores}"
 
 
 if __name__ == "__main__":

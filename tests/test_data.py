@@ -135,3 +135,27 @@ def test_truncated_cifar_batch_is_rejected(tmp_path):
     with pytest.raises(scan.UsageError, match="data_batch_1 is truncated or not a CIFAR-10 batch"):
         scan.load_dataset(str(tmp_path), input_size=32, max_images=0, seed=0)
     assert os.path.exists(tmp_path / "data_batch_1")
+
+
+@pytest.mark.parametrize(
+    "data, expected", [("cifar10-train", [0, 1, 2]), ("cifar10-test", [7, 8]), ("cifar10", [0, 1, 2, 7, 8])]
+)
+def test_cifar10_split_names(monkeypatch, data, expected):
+    x_train, x_test = np.zeros((3, 32, 32, 3), np.uint8), np.ones((2, 32, 32, 3), np.uint8)
+    y_train, y_test = np.array([[0], [1], [2]]), np.array([[7], [8]])
+    monkeypatch.setattr(scan.keras.datasets.cifar10, "load_data", lambda: ((x_train, y_train), (x_test, y_test)))
+    assert scan.load_dataset(data, input_size=32, max_images=0, seed=0).labels.tolist() == expected
+
+
+def test_split_holdout_is_a_seeded_disjoint_split(tmp_path):
+    images = np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1).repeat(3, axis=-1)
+    dataset = scan.Dataset(images, np.arange(30), [str(i) for i in range(30)], "numbers")
+    train, held_out = scan.split_holdout(dataset, 10, seed=5)
+    assert len(train.images) == 20 and len(held_out.images) == 10
+    assert set(train.labels.tolist()).isdisjoint(held_out.labels.tolist())
+    assert sorted(train.labels.tolist() + held_out.labels.tolist()) == list(range(30))
+    np.testing.assert_array_equal(held_out.images[:, 0, 0, 0], held_out.labels)  # images travel with their labels
+    again = scan.split_holdout(dataset, 10, seed=5)[1]
+    assert again.labels.tolist() == held_out.labels.tolist()
+    with pytest.raises(scan.UsageError, match="--holdout_images=30 leaves none of the 30 images to train on"):
+        scan.split_holdout(dataset, 30, seed=5)

@@ -7,7 +7,7 @@ import re
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import make_image_folder, run_script
 
 TINY = ["--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--num_clusters=3",
         "--k_neighbours=2", "--embedding_batch_size=10", "--prototypes_per_cluster=4"]  # fmt: skip
@@ -52,3 +52,48 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     assert metrics["settings"]["num_clusters"] == 3 and metrics["images"] == 24
     assert len(metrics["losses"]["representation"]) == 1
     assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp")]  # no temporary files left
+    with Image.open(output_dir / "confusion_matrix_train.png") as figure:
+        assert figure.format == "PNG"
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT split=train images=24 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", last), last
+    assert float(re.search(r"acc=([\d.]+)", last).group(1)) == pytest.approx(
+        metrics["splits"]["train"]["acc"], abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("recipe", ["scan", "quick"])
+def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
+    output_dir = tmp_path / "out"
+    tiny = ["--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--self_label_epochs=1",
+            "--self_label_threshold=0.34", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
+    args = [
+        f"--recipe={recipe}",
+        f"--data={folder}",
+        "--eval_data=",
+        "--holdout_images=6",
+        f"--output_dir={output_dir}",
+        *tiny,
+    ]
+    result = run_script(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"recipe {recipe}" in out
+    assert re.search(
+        r"^neighbour purity: [\d.]+% of the 2 neighbours share their anchor's label$", out, flags=re.MULTILINE
+    )
+    assert "## Self-labeling: 1 epochs" in out
+    assert re.search(r"^self-labeling: \d+ of 24 images are more than 34% confident$", out, flags=re.MULTILINE)
+    assert re.search(
+        r"^eval split \(held-out images\): accuracy [\d.]+% \(one-to-one Hungarian mapping\)", out, flags=re.MULTILINE
+    )
+    assert re.fullmatch(
+        r"RESULT split=eval images=6 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", out.strip().splitlines()[-1]
+    )
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["settings"]["encoder"] == {"scan": "resnet18", "quick": "small"}[recipe]
+    assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
+    assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
+    assert 0 <= metrics["neighbour_purity"] <= 1
+    for name in ["confusion_matrix_train.png", "confusion_matrix_eval.png", "prototypes.png"]:
+        assert (output_dir / name).stat().st_size > 1000

@@ -60,3 +60,63 @@ def test_entropy_loss_is_zero_for_uniform_clusters():
     probabilities = np.full((3, 5), 0.2, dtype="float32")
     actual = scan.ClustersEntropyLoss()(np.ones(3), probabilities)
     assert abs(float(ops.convert_to_numpy(actual))) < 1e-6
+
+
+def nt_xent_reference(features, batch_size, temperature):
+    """NT-Xent written out in numpy, row by row: the other view is the one positive, self is excluded."""
+    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarities = features @ features.T / temperature
+    losses = []
+    for row in range(len(features)):
+        positive = (row + batch_size) % len(features)
+        others = [col for col in range(len(features)) if col != row]
+        losses.append(-similarities[row, positive] + np.log(np.sum(np.exp(similarities[row, others]))))
+    return np.mean(losses)
+
+
+def test_nt_xent_matches_a_row_by_row_numpy_reference():
+    features = np.random.default_rng(4).normal(size=(10, 7))
+    actual = scan.nt_xent_loss(ops.convert_to_tensor(features.astype("float32")), 5, 0.2)
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), nt_xent_reference(features, 5, 0.2), rtol=1e-4)
+
+
+def test_nt_xent_on_a_case_with_a_known_answer():
+    # Both views of each image are the same unit vector and the images are orthogonal: every row sees its
+    # positive at similarity 1/t and 2b-2 negatives at 0, so the loss is log(1 + (2b-2) exp(-1/t)).
+    batch_size, temperature = 4, 0.5
+    views = np.eye(batch_size, 6, dtype="float32")
+    actual = scan.nt_xent_loss(ops.convert_to_tensor(np.concatenate([views, views])), batch_size, temperature)
+    expected = np.log(1 + (2 * batch_size - 2) * np.exp(-1 / temperature))
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
+
+
+def test_scan_consistency_loss_is_minus_log_of_the_dot_product():
+    similarity = np.random.default_rng(5).uniform(0.01, 1, size=(8, 1)).astype("float32")
+    actual = scan.ClustersConsistencyLoss(from_logits=False)(np.ones(8), similarity)
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), np.mean(-np.log(similarity.astype("float64"))), rtol=1e-5)
+
+
+def test_scan_entropy_loss_applies_its_weight():
+    probabilities = np.random.default_rng(6).dirichlet(np.ones(5), size=7).astype("float32")
+    mean = probabilities.astype("float64").mean(axis=0)
+    expected = 5.0 * (np.log(5) + np.sum(mean * np.log(mean)))
+    actual = scan.ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)(np.ones(7), probabilities)
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
+
+
+def test_self_label_threshold_selects_exactly_the_confident_images_with_class_balance():
+    weak = np.array([[0.95, 0.04, 0.01], [0.5, 0.3, 0.2], [0.02, 0.97, 0.01], [0.91, 0.05, 0.04], [0.1, 0.1, 0.8]])
+    labels, weights = scan.self_label_targets(ops.convert_to_tensor(weak.astype("float32")), 0.9)
+    assert ops.convert_to_numpy(labels).tolist() == [0, 0, 1, 0, 2]
+    # Confident: rows 0, 2, 3 (3 images); label 0 has 2 of them, label 1 has 1: weights 3/2, 0, 3/1, 3/2, 0.
+    np.testing.assert_allclose(ops.convert_to_numpy(weights), [1.5, 0, 3, 1.5, 0])
+
+
+def test_self_label_loss_is_the_weighted_cross_entropy_and_zero_without_confident_images():
+    weak = np.array([[0.95, 0.05], [0.6, 0.4], [0.01, 0.99]], dtype="float32")
+    strong = np.array([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6]], dtype="float32")
+    # Rows 0 and 2 are confident, one per label: equal weights, so the mean of -log 0.7 and -log 0.6.
+    actual = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.9)
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), (-np.log(0.7) - np.log(0.6)) / 2, rtol=1e-5)
+    none = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.999)
+    assert float(ops.convert_to_numpy(none)) == 0.0

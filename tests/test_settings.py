@@ -1,5 +1,7 @@
 """The settings block and the `--name=value` overrides."""
 
+import re
+
 import pytest
 
 import scan_cifar10 as scan
@@ -7,6 +9,7 @@ from conftest import SCRIPT, run_script
 
 DEFAULTS = {"NUM_CLUSTERS": 20, "TEMPERATURE": 0.1, "L2_NORMALIZE": False, "DATA": "cifar10"}
 COMMENTS = {"NUM_CLUSTERS": "number of clusters", "TEMPERATURE": "softmax temperature"}
+RECIPES = {"tutorial": {}, "small": {"num_clusters": 5, "temperature": 0.2}}
 
 
 def test_settings_block_lists_every_constant_with_its_comment():
@@ -46,15 +49,18 @@ def test_tutorial_values_are_the_defaults():
 
 def test_overrides_are_parsed_to_the_constant_type():
     settings = scan.parse_settings(
-        ["--num_clusters=10", "--temperature=0.5", "--l2_normalize=true", "--data=some/folder"], DEFAULTS, COMMENTS
+        ["--num_clusters=10", "--temperature=0.5", "--l2_normalize=true", "--data=some/folder"],
+        DEFAULTS,
+        COMMENTS,
+        RECIPES,
     )
     assert settings.num_clusters == 10 and isinstance(settings.num_clusters, int)
     assert settings.temperature == 0.5
     assert settings.l2_normalize is True
     assert settings.data == "some/folder"
-    assert scan.parse_settings([], DEFAULTS, COMMENTS).num_clusters == 20
-    assert scan.parse_settings(["--temperature=1"], DEFAULTS, COMMENTS).temperature == 1.0
-    assert scan.parse_settings(["--l2_normalize=0"], DEFAULTS, COMMENTS).l2_normalize is False
+    assert scan.parse_settings([], DEFAULTS, COMMENTS, RECIPES).num_clusters == 20
+    assert scan.parse_settings(["--temperature=1"], DEFAULTS, COMMENTS, RECIPES).temperature == 1.0
+    assert scan.parse_settings(["--l2_normalize=0"], DEFAULTS, COMMENTS, RECIPES).l2_normalize is False
 
 
 @pytest.mark.parametrize(
@@ -70,7 +76,16 @@ def test_overrides_are_parsed_to_the_constant_type():
 )
 def test_bad_overrides_raise_a_usage_error(argument, message):
     with pytest.raises(scan.UsageError, match=message.replace(".", r"\.")):
-        scan.parse_settings([argument], DEFAULTS, COMMENTS)
+        scan.parse_settings([argument], DEFAULTS, COMMENTS, RECIPES)
+
+
+def script_settings(argv):
+    """The script's own settings, parsed and validated as main() does."""
+    with open(SCRIPT) as file:
+        comments = scan.read_settings_block(file.read())
+    settings = scan.parse_settings(argv, {name: getattr(scan, name) for name in comments}, comments, scan.RECIPES)
+    scan.validate_settings(settings, scan.CHOICES)
+    return settings
 
 
 @pytest.mark.parametrize(
@@ -81,29 +96,66 @@ def test_bad_overrides_raise_a_usage_error(argument, message):
         ("--num_clusters=1", "at least 2 clusters"),
         ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
+        ("--encoder=vgg16", "--encoder=vgg16: choose one of resnet50v2, resnet18, small"),
+        ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, quick"),
+        ("--self_label_threshold=1", "--self_label_threshold=1.0: must be between 0 and 1"),
+        ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
-    settings = scan.parse_settings([argument], {name: getattr(scan, name) for name in _names()}, {})
-    with pytest.raises(scan.UsageError, match=message.replace(".", r"\.")):
-        scan.validate_settings(settings)
+    with pytest.raises(scan.UsageError, match=re.escape(message)):
+        script_settings([argument])
+
+
+def test_eval_data_and_holdout_exclude_each_other():
+    with pytest.raises(scan.UsageError, match="set either --eval_data or --holdout_images"):
+        script_settings(["--eval_data=cifar10-test", "--holdout_images=10"])
+    # The scan recipe sets eval_data; a holdout then needs eval_data cleared.
+    assert script_settings(["--recipe=scan", "--eval_data=", "--holdout_images=10"]).holdout_images == 10
 
 
 def test_settings_that_the_data_cannot_satisfy_are_rejected():
-    settings = scan.parse_settings(["--k_neighbours=10"], {name: getattr(scan, name) for name in _names()}, {})
     with pytest.raises(scan.UsageError, match="--k_neighbours=10 needs more than 10 images, but the data has 10"):
-        scan.validate_against_data(settings, 10)
-    settings = scan.parse_settings(
-        ["--num_clusters=30", "--k_neighbours=2"], {name: getattr(scan, name) for name in _names()}, {}
-    )
+        scan.validate_against_data(script_settings(["--k_neighbours=10"]), 10)
+    settings = script_settings(["--num_clusters=30", "--k_neighbours=2"])
     with pytest.raises(scan.UsageError, match="--num_clusters=30 is more than the 25 images"):
         scan.validate_against_data(settings, 25)
     scan.validate_against_data(settings, 30)  # exactly as many clusters as images is possible
 
 
-def _names():
+def test_recipe_supplies_defaults_and_the_command_line_wins():
+    tutorial = script_settings([])
+    assert (tutorial.recipe, tutorial.encoder, tutorial.num_clusters, tutorial.self_label_epochs) == (
+        "tutorial",
+        "resnet50v2",
+        20,
+        0,
+    )
+    scan_recipe = script_settings(["--recipe=scan"])
+    assert scan_recipe.encoder == "resnet18" and scan_recipe.augmentation == "simclr"
+    assert scan_recipe.contrastive_loss == "ntxent" and scan_recipe.clustering_loss == "scan"
+    assert (scan_recipe.k_neighbours, scan_recipe.num_clusters, scan_recipe.representation_epochs) == (20, 10, 500)
+    assert scan_recipe.tune_encoder_during_clustering is True and scan_recipe.self_label_threshold == 0.99
+    assert scan_recipe.entropy_loss_weight == 5.0 and scan_recipe.temperature == 0.1
+    assert scan_recipe.eval_data == "cifar10-test"
+    # A setting on the command line wins over the recipe, in either order of the arguments.
+    for argv in (["--recipe=scan", "--num_clusters=20"], ["--num_clusters=20", "--recipe=scan"]):
+        settings = script_settings(argv)
+        assert settings.num_clusters == 20 and settings.encoder == "resnet18"
+    # Each component stays switchable on its own.
+    mixed = script_settings(["--recipe=scan", "--clustering_loss=tutorial", "--encoder=small"])
+    assert (mixed.clustering_loss, mixed.encoder, mixed.contrastive_loss) == ("tutorial", "small", "ntxent")
+    quick = script_settings(["--recipe=quick"])
+    assert quick.holdout_images > 0 and quick.encoder == "small" and quick.self_label_epochs > 0
+
+
+def test_every_recipe_names_only_real_settings_and_valid_choices():
     with open(SCRIPT) as file:
-        return list(scan.read_settings_block(file.read()))
+        names = {name.lower() for name in scan.read_settings_block(file.read())}
+    for recipe, values in scan.RECIPES.items():
+        assert set(values) <= names, recipe
+        script_settings([f"--recipe={recipe}"])  # validates
+    assert scan.RECIPES["tutorial"] == {}
 
 
 def test_help_lists_every_setting_with_default_and_comment(tmp_path):

@@ -1,0 +1,114 @@
+"""SCAN's metrics against hand-made cases; the encoders' shapes; the augmentation's resampling."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+import scan_cifar10 as scan
+
+
+def test_hungarian_accuracy_of_a_permuted_labelling_is_one():
+    labels = np.random.default_rng(0).integers(0, 5, size=200)
+    permutation = np.array([3, 0, 4, 1, 2])
+    scores = scan.clustering_scores(permutation[labels], labels, num_clusters=5, num_classes=5)
+    assert scores["acc"] == scores["hungarian_acc"] == 1.0
+    assert scores["nmi"] == pytest.approx(1.0) and scores["ari"] == pytest.approx(1.0)
+    assert scores["matching"] == {int(permutation[k]): k for k in range(5)}
+
+
+def test_hungarian_accuracy_uses_a_one_to_one_matching():
+    # Both clusters are mostly class 0: majority maps both to 0 (7/8), one-to-one must give one to class 1.
+    clusters = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    labels = np.array([0, 0, 0, 1, 0, 0, 0, 0])
+    scores = scan.clustering_scores(clusters, labels, num_clusters=2, num_classes=2)
+    assert scores["majority_acc"] == 7 / 8
+    # One-to-one: cluster 0 -> class 1 and cluster 1 -> class 0 gives 1 + 4 right, better than 3 + 0.
+    assert scores["hungarian_acc"] == 5 / 8 and scores["acc"] == 5 / 8
+    assert scores["accuracy_mapping"] == "one-to-one Hungarian"
+
+
+def test_more_clusters_than_classes_use_the_majority_mapping():
+    clusters = np.array([0, 0, 1, 1, 2, 2])
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = scan.clustering_scores(clusters, labels, num_clusters=3, num_classes=2)
+    assert scores["accuracy_mapping"] == "many-to-one majority"
+    assert scores["acc"] == scores["majority_acc"] == 1.0 and scores["hungarian_acc"] == 4 / 6
+
+
+def pair_counting_ari(a, b):
+    """Adjusted Rand index from its definition: pair counts over all pairs of items."""
+    n = len(a)
+    same_a = np.equal.outer(a, a)[np.triu_indices(n, 1)]
+    same_b = np.equal.outer(b, b)[np.triu_indices(n, 1)]
+    both, pairs = np.sum(same_a & same_b), n * (n - 1) / 2
+    expected = np.sum(same_a) * np.sum(same_b) / pairs
+    return (both - expected) / ((np.sum(same_a) + np.sum(same_b)) / 2 - expected)
+
+
+def entropy_nmi(a, b):
+    """NMI with the arithmetic-mean normalisation, from entropies of the joint distribution."""
+    joint = np.histogram2d(a, b, bins=(np.max(a) + 1, np.max(b) + 1))[0] / len(a)
+    entropy = lambda p: -np.sum(p[p > 0] * np.log(p[p > 0]))  # noqa: E731
+    mutual = entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint.ravel())
+    return mutual / ((entropy(joint.sum(1)) + entropy(joint.sum(0))) / 2)
+
+
+def test_nmi_and_ari_match_their_definitions():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, size=60)
+    clusters = np.where(rng.uniform(size=60) < 0.7, labels, rng.integers(0, 4, size=60))
+    scores = scan.clustering_scores(clusters, labels, num_clusters=4, num_classes=4)
+    assert scores["ari"] == pytest.approx(pair_counting_ari(clusters, labels))
+    assert scores["nmi"] == pytest.approx(entropy_nmi(clusters, labels))
+
+
+def test_neighbour_purity_on_a_hand_made_case():
+    labels = np.array([0, 0, 1, 1])
+    neighbours = np.array([[1, 2], [0, 3], [3, 0], [2, 1]])
+    assert scan.neighbour_purity(neighbours, labels) == 4 / 8
+
+
+def test_cifar_resnet18_has_512_features_and_the_papers_parameter_count():
+    backbone = scan.create_backbone("resnet18")
+    assert backbone.output_shape == (None, 512)
+    trainable = sum(int(np.prod(weight.shape)) for weight in backbone.trainable_weights)
+    assert trainable == 11_168_832  # torchvision-style CIFAR ResNet-18 without its 10-class layer
+    assert backbone.count_params() == pytest.approx(11.2e6, rel=0.01)
+    encoder = scan.create_encoder("resnet18", 512, 32)
+    assert encoder.output_shape == (None, 512)
+    assert encoder(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 512)
+
+
+def test_small_encoder_output_shape():
+    assert scan.create_encoder("small", 64, 16).output_shape == (None, 64)
+
+
+def test_affine_resample_equals_keras_affine_transform():
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0, 255, size=(3, 9, 11, 3)).astype("float32")
+    transforms = np.array(
+        [[0.9, 0.1, 1.3, -0.2, 1.1, -0.7], [-1, 0, 10, 0, 1, 0], [1.2, 0.3, -2.5, 0.1, 0.8, 3.2]], dtype="float32"
+    )
+    ours = scan.affine_resample(ops.convert_to_tensor(images), ops.convert_to_tensor(transforms))
+    keras_transforms = np.concatenate([transforms, np.zeros((3, 2), "float32")], axis=1)  # no projective part
+    reference = ops.image.affine_transform(images, keras_transforms, interpolation="bilinear", fill_mode="nearest")
+    np.testing.assert_allclose(ops.convert_to_numpy(ours), ops.convert_to_numpy(reference), atol=1e-3)
+
+
+def test_simclr_augmentation_keeps_shape_and_range_and_is_identity_at_inference():
+    images = np.random.default_rng(3).uniform(0, 255, size=(16, 12, 12, 3)).astype("float32")
+    augmentation = scan.ImageAugmentation("simclr", seed=0)
+    augmented = ops.convert_to_numpy(augmentation(images, training=True))
+    assert augmented.shape == images.shape
+    assert augmented.min() >= -1e-3 and augmented.max() <= 255 + 1e-3
+    assert not np.allclose(augmented, images)
+    np.testing.assert_array_equal(ops.convert_to_numpy(augmentation(images, training=False)), images)
+
+
+def test_hue_rotation_matrices_keep_gray_and_compose():
+    gray = np.full(3, 0.5)
+    for angle in (0.3, -1.0):
+        matrix = scan.HUE_FIXED + np.cos(angle) * scan.HUE_COS + np.sin(angle) * scan.HUE_SIN
+        np.testing.assert_allclose(matrix @ gray, gray, atol=1e-9)  # a hue shift leaves grays alone
+    identity = scan.HUE_FIXED + scan.HUE_COS
+    np.testing.assert_allclose(identity, np.eye(3), atol=1e-9)
