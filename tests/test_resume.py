@@ -107,27 +107,31 @@ def test_sigkill_during_training_resumes_from_the_last_epoch(tmp_path):
     assert not [name for name in os.listdir(output_dir / "cache") if name.endswith(".backup")]
 
 
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
 def test_truncated_artifacts_are_discarded_and_recomputed(run_dir):
     tmp_path, data_args = run_dir
     assert run_script([*data_args, *TINY], cwd=tmp_path).returncode == 0
     cache_dir = tmp_path / "out" / "cache"
-    for name in os.listdir(cache_dir):
-        if (
-            name.endswith(".npy")
-            and name.startswith("neighbours")
-            or name.endswith(".weights.h5")
-            and name.startswith("clustering")
-        ):
-            data = (cache_dir / name).read_bytes()
-            (cache_dir / name).write_bytes(data[: len(data) // 3])
+
+    truncate(next(cache_dir.glob("clustering-*.weights.h5")))
+    result = run_script([*data_args, *TINY], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"warning: discarding unreadable .*clustering-\w+\.weights\.h5", result.stdout)
+    assert "neighbour mining: done before" in result.stdout and "Epoch 1/2" in result.stdout  # clustering retrained
+
+    truncate(next(cache_dir.glob("neighbours-*.npy")))
     result = run_script([*data_args, *TINY], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"warning: discarding unreadable .*neighbours-\w+\.npy", result.stdout)
-    assert re.search(r"warning: discarding unreadable .*clustering-\w+\.weights\.h5", result.stdout)
-    assert "representation learning: done before" in result.stdout
+    assert "representation learning: done before" in result.stdout and "embeddings: done before" in result.stdout
+    # The neighbours are mined again, so every later stage is recomputed from them, not reused.
     assert "neighbour mining: done before" not in result.stdout
-    neighbours = np.load(next(cache_dir.glob("neighbours-*.npy")))
-    assert neighbours.shape == (24, 2)
+    assert "clustering: done before" not in result.stdout and "cluster assignment: done before" not in result.stdout
+    assert np.load(next(cache_dir.glob("neighbours-*.npy"))).shape == (24, 2)
 
 
 def test_diverging_training_stops_with_advice_and_caches_nothing(tmp_path):

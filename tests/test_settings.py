@@ -33,6 +33,10 @@ def test_settings_block_lists_every_constant_with_its_comment():
     ]:
         assert comments[name].strip(), name
     assert "CIFAR10_CLASSES" not in comments  # module constants outside the block are not settings
+    with open(SCRIPT) as file:
+        block = file.read().split("end of settings")[0].split(" settings\n", 1)[1]
+    assigned = re.findall(r"^([A-Z][A-Z0-9_]*) =", block, flags=re.MULTILINE)
+    assert assigned == list(comments)  # every setting has its one-line comment (a wrapped line would lose it)
 
 
 def test_tutorial_values_are_the_defaults():

@@ -1,0 +1,107 @@
+"""The compiled augmentation against the tutorial's Keras layers, and the compiled training step."""
+
+import numpy as np
+import pytest
+from keras import layers, ops
+
+import scan_cifar10 as scan
+from conftest import make_image_folder, run_script
+
+HEIGHT, WIDTH = 20, 24
+
+
+def smooth_images():
+    """Two images without sharp edges, so that interpolation differences stay small."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack([128 + 100 * np.sin(x / 4), 128 + 100 * np.cos(y / 5), 128 + 50 * np.sin((x + y) / 6)], axis=-1)
+    return np.stack([image, image[::-1]]).astype("float32")
+
+
+def fused(images, **parameters):
+    """Our single resampling with fixed tutorial parameters (identity for the ones not given)."""
+    values = {"translate_x": 0.0, "translate_y": 0.0, "flip": False, "angle": 0.0, "zoom_x": 1.0, "zoom_y": 1.0}
+    values.update(parameters)
+    tensors = {
+        name: ops.convert_to_tensor(np.full(len(images), value, dtype=bool if name == "flip" else "float32"))
+        for name, value in values.items()
+    }
+    transforms = scan.tutorial_transforms(tensors, HEIGHT, WIDTH)
+    return ops.convert_to_numpy(scan.affine_resample(ops.convert_to_tensor(images), transforms))
+
+
+@pytest.mark.parametrize(
+    "layer, parameters",
+    [
+        (layers.RandomRotation((0.1, 0.1), fill_mode="nearest"), {"angle": 0.1 * 2 * np.pi}),
+        (layers.RandomRotation((-0.15, -0.15), fill_mode="nearest"), {"angle": -0.15 * 2 * np.pi}),
+        (
+            layers.RandomTranslation((0.1, 0.1), (-0.15, -0.15), fill_mode="nearest"),
+            {"translate_x": -0.15, "translate_y": 0.1},
+        ),
+        (layers.RandomZoom((-0.2, -0.2), (0.05, 0.05), fill_mode="nearest"), {"zoom_x": 1.05, "zoom_y": 0.8}),
+    ],
+)
+def test_each_fixed_transform_equals_the_keras_layer(layer, parameters):
+    images = smooth_images()
+    expected = ops.convert_to_numpy(layer(images, training=True))
+    np.testing.assert_allclose(fused(images, **parameters), expected, atol=1e-3)
+
+
+def test_flip_mirrors_the_image():
+    images = smooth_images()
+    np.testing.assert_allclose(fused(images, flip=True), images[:, :, ::-1], atol=1e-4)
+
+
+def test_the_composed_transform_matches_the_layers_in_turn_to_interpolation_tolerance():
+    images = smooth_images()
+    expected = images
+    for layer in [
+        layers.RandomTranslation((0.05, 0.05), (-0.1, -0.1), fill_mode="nearest"),
+        layers.RandomRotation((0.03, 0.03), fill_mode="nearest"),
+        layers.RandomZoom((-0.2, -0.2), (-0.1, -0.1), fill_mode="nearest"),
+    ]:
+        expected = ops.convert_to_numpy(layer(expected, training=True))
+    ours = fused(images, translate_x=-0.1, translate_y=0.05, angle=0.03 * 2 * np.pi, zoom_x=0.9, zoom_y=0.8)
+    interior = (slice(None), slice(3, -3), slice(3, -3))  # the layers clamp at every step, we clamp once
+    assert np.abs(ours - expected)[interior].max() < 4.0  # of 255: three bilinear passes blur a little more than one
+    assert np.abs(ours - expected)[interior].mean() < 1.0
+
+
+def test_random_parameters_cover_the_tutorial_ranges():
+    from keras import random
+
+    parameters = scan.sample_tutorial_parameters(20000, random.SeedGenerator(0))
+    values = {name: ops.convert_to_numpy(value).astype("float64") for name, value in parameters.items()}
+    for name, (low, high) in {
+        "translate_x": (-0.2, 0.2),
+        "translate_y": (-0.2, 0.2),
+        "angle": (-0.15 * 2 * np.pi, 0.15 * 2 * np.pi),
+        "zoom_x": (0.7, 1.1),
+        "zoom_y": (0.7, 1.1),
+    }.items():
+        assert low <= values[name].min() and values[name].max() <= high, name
+        width = high - low
+        assert values[name].min() < low + 0.01 * width and values[name].max() > high - 0.01 * width, name
+        assert abs(values[name].mean() - (low + high) / 2) < 0.02 * width, name
+        assert abs(values[name].std() - width / np.sqrt(12)) < 0.02 * width, name  # uniform
+    assert abs(values["flip"].mean() - 0.5) < 0.02
+    assert abs(np.corrcoef(values["zoom_x"], values["zoom_y"])[0, 1]) < 0.03  # independent axes, as in RandomZoom
+
+
+def test_tutorial_augmentation_layer_is_random_and_keeps_shape():
+    images = smooth_images()
+    augmentation = scan.ImageAugmentation("tutorial", seed=1)
+    first, second = (ops.convert_to_numpy(augmentation(images, training=True)) for _ in range(2))
+    assert first.shape == images.shape and not np.allclose(first, second)
+    assert images.min() - 1e-3 <= first.min() and first.max() <= images.max() + 1e-3  # bilinear, nearest fill
+
+
+def test_the_tutorial_keras_layers_keep_the_step_out_of_jit_on_jax(tmp_path):
+    # The fused default is shown jitted on JAX in test_end_to_end; the tutorial's layers are not.
+    folder = make_image_folder(tmp_path / "images", num_classes=2, per_class=6)
+    args = [f"--data={folder}", "--encoder=small", "--batch_size=4", "--representation_epochs=1", "--clustering_epochs=1",
+            "--num_clusters=2", "--k_neighbours=2", "--embedding_batch_size=8", "--augmentation=tutorial-layers",
+            f"--output_dir={tmp_path / 'out'}"]  # fmt: skip
+    result = run_script(args, cwd=tmp_path, backend="jax")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "representation learning: training step not XLA-compiled (jit_compile=False)" in result.stdout
