@@ -45,7 +45,7 @@ def parse_arguments():
 def build_simclr_learner(encoder_name, augmentation, contrastive_loss, projection_head, images, precision, jit_compile):
     """A compiled RepresentationLearner with the given components, under the given dtype policy."""
     keras.mixed_precision.set_global_policy(precision)
-    encoder = scan.create_encoder(encoder_name, 512, 32)
+    encoder = scan.create_encoder(encoder_name, 512)
     learner = scan.RepresentationLearner(
         encoder,
         128,
@@ -63,10 +63,12 @@ def build_simclr_learner(encoder_name, augmentation, contrastive_loss, projectio
 def build_clustering_learner(augmentation, images, precision, jit_compile):
     """The tutorial's clustering learner: frozen ResNet50V2 encoder, all 5 neighbours per anchor."""
     keras.mixed_precision.set_global_policy(precision)
-    encoder = scan.create_encoder("resnet50v2", 512, 32)
+    encoder = scan.create_encoder("resnet50v2", 512)
     encoder.trainable = False
-    model = scan.create_clustering_model(encoder, 20, 32, scan.create_data_preprocessing(32, images))
-    learner = scan.create_clustering_learner(model, scan.create_data_augmentation(augmentation, seed=0), 5, 32)
+    model = scan.create_clustering_model(
+        encoder, scan.create_clustering_head(20), 32, scan.create_data_preprocessing(32, images)
+    )
+    learner = scan.create_clustering_learner(model, scan.create_data_augmentation(augmentation, seed=0), 5, (32, 32, 3))
     losses = [scan.ClustersConsistencyLoss(), scan.ClustersEntropyLoss(5.0)]
     learner.compile(optimizer=scan.create_adamw(5e-4, 1e-4), loss=losses, jit_compile=jit_compile)
     return learner
@@ -147,9 +149,9 @@ def main():
     )
 
     keras.mixed_precision.set_global_policy(precision)
-    ours_encoder = scan.create_encoder("resnet50v2", 512, 32)
+    ours_encoder = scan.create_encoder("resnet50v2", 512)
     keras.mixed_precision.set_global_policy("float32")
-    tutorial_encoder = scan.create_encoder("resnet50v2", 512, 32)
+    tutorial_encoder = scan.create_encoder("resnet50v2", 512)
     rows.append(
         (
             "embedding, ResNet50V2 (images/s)",

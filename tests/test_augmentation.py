@@ -88,6 +88,25 @@ def test_random_parameters_cover_the_tutorial_ranges():
     assert abs(np.corrcoef(values["zoom_x"], values["zoom_y"])[0, 1]) < 0.03  # independent axes, as in RandomZoom
 
 
+def test_a_halved_output_grid_of_the_identity_map_is_2x2_average_pooling():
+    images = smooth_images()
+    identity = ops.convert_to_tensor(np.tile([[1.0, 0, 0, 0, 1.0, 0]], (len(images), 1)).astype("float32"))
+    rescaled = scan.rescale_transforms(identity, 2.0, 2.0)
+    ours = scan.affine_resample(ops.convert_to_tensor(images), rescaled, (HEIGHT // 2, WIDTH // 2))
+    # Each output pixel centre lies midway between four input pixel centres.
+    pooled = images.reshape(len(images), HEIGHT // 2, 2, WIDTH // 2, 2, 3).mean(axis=(2, 4))
+    np.testing.assert_allclose(ops.convert_to_numpy(ours), pooled, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["tutorial", "simclr", "weak"])
+def test_augmentation_writes_views_of_the_requested_side(kind):
+    images = smooth_images()
+    augmentation = scan.ImageAugmentation(kind, seed=3, output_size=12)
+    views = ops.convert_to_numpy(augmentation(images, training=True))
+    assert views.shape == (len(images), 12, 12, 3)
+    assert views.min() >= -1e-3 and views.max() <= 255 + 1e-3
+
+
 def test_tutorial_augmentation_layer_is_random_and_keeps_shape():
     images = smooth_images()
     augmentation = scan.ImageAugmentation("tutorial", seed=1)

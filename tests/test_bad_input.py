@@ -99,6 +99,16 @@ CASES = {
     "output dir below a file": (file_as_output_parent, {}, "is a file, not a folder"),
     "failed download": (lambda tmp: ["--data=cifar10"], {"KERAS_HOME": "keras-home"}, "could not download CIFAR-10"),
     "unknown encoder": (lambda tmp: good_folder(tmp, "--encoder=vgg"), {}, "--encoder=vgg: choose one of"),
+    "views too small": (
+        lambda tmp: good_folder(tmp, "--encoder=small", "--view_size=4"),
+        {},
+        "--view_size=4: the small encoder needs images of at least 8x8",
+    ),
+    "cached features of a tuned encoder": (
+        lambda tmp: good_folder(tmp, "--cluster_on_features=true", "--tune_encoder_during_clustering=true"),
+        {},
+        "set --tune_encoder_during_clustering=false",
+    ),
 }
 
 

@@ -120,3 +120,17 @@ def test_self_label_loss_is_the_weighted_cross_entropy_and_zero_without_confiden
     np.testing.assert_allclose(ops.convert_to_numpy(actual), (-np.log(0.7) - np.log(0.6)) / 2, rtol=1e-5)
     none = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.999)
     assert float(ops.convert_to_numpy(none)) == 0.0
+
+
+def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the_head():
+    features = np.random.default_rng(7).normal(size=(30, 6)).astype("float32")
+    head = scan.create_clustering_head(3, features)
+    learner = scan.SelfLabelLearner(head, None, None, threshold=0.34)  # every argmax of 3 clusters passes 1/3
+    weak, strong = (ops.convert_to_numpy(view) for view in learner(features))
+    np.testing.assert_array_equal(weak, strong)
+    np.testing.assert_allclose(weak, ops.convert_to_numpy(head(features)), atol=1e-6)
+    expected = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.34)
+    learner.compile(optimizer=scan.create_adamw(0.05, 0.0))
+    losses = learner.fit(features, batch_size=30, epochs=5, shuffle=False, verbose=0).history["loss"]
+    assert losses[0] == pytest.approx(float(ops.convert_to_numpy(expected)), rel=1e-4)
+    assert losses[-1] < losses[0]  # the head becomes more confident in its own pseudo-labels

@@ -74,13 +74,46 @@ def test_cifar_resnet18_has_512_features_and_the_papers_parameter_count():
     trainable = sum(int(np.prod(weight.shape)) for weight in backbone.trainable_weights)
     assert trainable == 11_168_832  # torchvision-style CIFAR ResNet-18 without its 10-class layer
     assert backbone.count_params() == pytest.approx(11.2e6, rel=0.01)
-    encoder = scan.create_encoder("resnet18", 512, 32)
+    encoder = scan.create_encoder("resnet18", 512)
     assert encoder.output_shape == (None, 512)
     assert encoder(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 512)
 
 
-def test_small_encoder_output_shape():
-    assert scan.create_encoder("small", 64, 16).output_shape == (None, 64)
+def test_encoders_embed_images_of_any_side():
+    # SimCLR trains on VIEW_SIZE views; the same encoder then embeds TARGET_SIZE images.
+    for name in ("small", "resnet50v2"):
+        encoder = scan.create_encoder(name, 64)
+        for side in (32, 40):
+            assert encoder(np.zeros((2, side, side, 3), "float32")).shape == (2, 64)
+
+
+def softmax(logits):
+    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
+
+
+def test_clustering_head_standardises_the_unit_vectors_of_cached_features():
+    features = np.random.default_rng(5).normal(3.0, 2.0, size=(50, 6)).astype("float32")
+    head = scan.create_clustering_head(4, features)
+    probabilities = ops.convert_to_numpy(head(features))
+    kernel, bias = head.layers[-1].get_weights()
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    standardised = (unit - unit.mean(axis=0)) / unit.std(axis=0)
+    np.testing.assert_allclose(probabilities, softmax(standardised @ kernel + bias), atol=1e-4)
+    tutorial_head = scan.create_clustering_head(4)  # without cached features: the tutorial's softmax layer alone
+    probabilities = ops.convert_to_numpy(tutorial_head(features))
+    kernel, bias = tutorial_head.layers[-1].get_weights()
+    np.testing.assert_allclose(probabilities, softmax(features @ kernel + bias), atol=1e-5)
+
+
+def test_clustering_model_on_images_matches_the_head_on_the_features_it_learned_from():
+    images = np.random.default_rng(6).uniform(0, 255, size=(12, 16, 16, 3)).astype("float32")
+    encoder = scan.create_encoder("small", 8)
+    preprocessing = scan.create_data_preprocessing(16, images)
+    features = scan.compute_embeddings(encoder, images, 5, preprocessing)
+    head = scan.create_clustering_head(3, features)
+    model = scan.create_clustering_model(encoder, head, 16, preprocessing)
+    np.testing.assert_allclose(model.predict(images, verbose=0), ops.convert_to_numpy(head(features)), atol=1e-4)
 
 
 def test_affine_resample_equals_keras_affine_transform():
