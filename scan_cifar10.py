@@ -1265,7 +1265,7 @@ def create_clustering_learner(clustering_model, data_augmentation, k_neighbours,
     The inputs are images of `input_shape`, augmented here; or, with CLUSTER_ON_FEATURES, the clustering model
     is the head alone, the inputs are cached feature vectors and `data_augmentation` is None.
     """
-    augment = data_augmentation or (lambda inputs: inputs)
+    augment = (lambda inputs: inputs) if data_augmentation is None else data_augmentation
     anchor = keras.Input(shape=input_shape, name="anchors")
     neighbours = keras.Input(shape=(k_neighbours,) + input_shape, name="neighbours")
     # Changes neighbours shape to [batch_size * k_neighbours, height, width, channels] (or features).
@@ -1790,13 +1790,17 @@ def main(argv=None):
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
     with stage_timer(timings, "representation_learning"):
         encoder = create_encoder(settings.encoder, settings.representation_dim)
-        view_size = settings.view_size or settings.target_size
+        # SimCLR's views are VIEW_SIZE-sided when it is set, normalised with the same statistics.
+        view_preprocessing, view_augmentation = data_preprocessing, data_augmentation
+        if settings.view_size:
+            view_preprocessing = create_data_preprocessing(settings.view_size, x_data)
+            view_augmentation = create_data_augmentation(settings.augmentation, settings.seed, settings.view_size)
         representation_learner = RepresentationLearner(
             encoder,
             settings.projection_units,
             settings.num_augmentations,
-            create_data_preprocessing(view_size, x_data) if settings.view_size else data_preprocessing,
-            create_data_augmentation(settings.augmentation, settings.seed, settings.view_size or None),
+            view_preprocessing,
+            view_augmentation,
             temperature=settings.temperature,
             dropout_rate=settings.dropout_rate,
             l2_normalize=settings.l2_normalize,
