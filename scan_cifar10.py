@@ -146,13 +146,12 @@ RECIPES = {
     # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images: nearly all the
     # time goes to SimCLR on 24x24 views; clustering and self-labeling train the head on cached features.
     "quick": {
-        "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24, "projection_head": "mlp",
-        "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256, "representation_epochs": 20,
-        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
-        "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
-        "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,
-        "clustering_learning_rate": 0.001,
-        "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+        "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24,
+        "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256,
+        "representation_epochs": 20, "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0,
+        "embed_raw_pixels": False, "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan",
+        "sample_one_neighbour": True, "tune_encoder_during_clustering": False, "cluster_on_features": True,
+        "clustering_epochs": 20, "clustering_learning_rate": 0.001, "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
 }  # fmt: skip
 # The allowed values of the settings that name a component.
@@ -169,10 +168,9 @@ CHOICES = {
 STAGE_SETTINGS = {
     "representation": [
         "mixed_precision", "seed", "encoder", "target_size", "augmentation", "view_size", "representation_dim",
-        "projection_head",
-        "projection_units", "contrastive_loss", "num_augmentations", "temperature", "dropout_rate", "l2_normalize",
-        "batch_size", "representation_epochs", "representation_learning_rate", "learning_rate_decay_steps",
-        "learning_rate_decay_alpha", "weight_decay",
+        "projection_head", "projection_units", "contrastive_loss", "num_augmentations", "temperature", "dropout_rate",
+        "l2_normalize", "batch_size", "representation_epochs", "representation_learning_rate",
+        "learning_rate_decay_steps", "learning_rate_decay_alpha", "weight_decay",
     ],
     "embeddings": ["embed_raw_pixels"],
     "neighbours": ["k_neighbours"],
@@ -1790,10 +1788,11 @@ def main(argv=None):
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
     with stage_timer(timings, "representation_learning"):
         encoder = create_encoder(settings.encoder, settings.representation_dim)
-        # SimCLR's views are VIEW_SIZE-sided when it is set, normalised with the same statistics.
+        # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
         view_preprocessing, view_augmentation = data_preprocessing, data_augmentation
         if settings.view_size:
-            view_preprocessing = create_data_preprocessing(settings.view_size, x_data)
+            resize_views = layers.Resizing(settings.view_size, settings.view_size)
+            view_preprocessing = keras.Sequential([resize_views, data_preprocessing.layers[-1]])
             view_augmentation = create_data_augmentation(settings.augmentation, settings.seed, settings.view_size)
         representation_learner = RepresentationLearner(
             encoder,
@@ -1870,16 +1869,14 @@ def main(argv=None):
         clustering_model = create_clustering_model(
             encoder, clustering_head, settings.input_size, data_preprocessing, name="clustering"
         )
-        if cached_features is None:  # The tutorial: every step augments the images and runs the encoder.
-            learner_inputs = x_data
-            clustering_learner = create_clustering_learner(
-                clustering_model, data_augmentation, neighbours_per_anchor, x_data.shape[1:]
-            )
-        else:  # Only the head learns, on the cached features.
-            learner_inputs = cached_features
-            clustering_learner = create_clustering_learner(
-                clustering_head, None, neighbours_per_anchor, cached_features.shape[1:]
-            )
+        # What learns, here and in self-labeling: the clustering model on augmented images (the tutorial), or the
+        # head alone on the cached features.
+        learning_model, learning_inputs, learning_augmentation = clustering_model, x_data, data_augmentation
+        if cached_features is not None:
+            learning_model, learning_inputs, learning_augmentation = clustering_head, cached_features, None
+        clustering_learner = create_clustering_learner(
+            learning_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:]
+        )
         clustering_history = cache.trained_model(
             "clustering",
             fingerprints["clustering"],
@@ -1888,7 +1885,7 @@ def main(argv=None):
             lambda backup_dir: train_clustering_learner(
                 clustering_learner,
                 NeighbourBatches(
-                    learner_inputs, neighbours, settings.batch_size, settings.seed, settings.sample_one_neighbour
+                    learning_inputs, neighbours, settings.batch_size, settings.seed, settings.sample_one_neighbour
                 ),
                 settings.clustering_epochs,
                 settings.clustering_learning_rate,
@@ -1905,23 +1902,21 @@ def main(argv=None):
     if settings.self_label_epochs:
         print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
         with stage_timer(timings, "self_labeling"):
+            augmentations = (None, None)  # Cached features: no augmentation can vary them.
             if cached_features is None:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
                 for layer in encoder.layers:
                     layer.trainable = True
-                self_label_model, self_label_inputs = clustering_model, x_data
                 augmentations = (
                     ImageAugmentation("weak", seed=settings.seed + 7),
                     create_data_augmentation(settings.augmentation, settings.seed + 11),
                 )
-            else:  # The head alone, on the cached features, which no augmentation can vary.
-                self_label_model, self_label_inputs, augmentations = clustering_head, cached_features, (None, None)
             self_label_history = cache.trained_model(
                 "self_labeling",
                 fingerprints["self_labeling"],
                 "self-labeling",
                 clustering_model,
                 lambda backup_dir: run_self_labeling(
-                    self_label_model, self_label_inputs, augmentations, settings, backup_dir
+                    learning_model, learning_inputs, augmentations, settings, backup_dir
                 ),
             )
             if self_label_history:
