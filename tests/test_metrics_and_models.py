@@ -79,6 +79,15 @@ def test_cifar_resnet18_has_512_features_and_the_papers_parameter_count():
     assert encoder(np.zeros((2, 32, 32, 3), "float32")).shape == (2, 512)
 
 
+def test_small_cnn_normalises_every_convolution_but_the_first():
+    backbone = scan.create_backbone("small")
+    # 3x3 convolutions 3->32 (with bias), 32->64, 64->128, 128->256 (without); four batch-norm weights per
+    # channel after the last three.
+    convolutions = 3 * 3 * 3 * 32 + 32 + 3 * 3 * (32 * 64 + 64 * 128 + 128 * 256)
+    assert backbone(np.zeros((2, 24, 24, 3), "float32")).shape == (2, 256)
+    assert backbone.count_params() == convolutions + 4 * (64 + 128 + 256)
+
+
 def test_encoders_embed_images_of_any_side():
     # SimCLR trains on VIEW_SIZE views; the same encoder then embeds TARGET_SIZE images.
     for name in ("small", "resnet50v2"):
