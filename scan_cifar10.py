@@ -107,9 +107,11 @@ WEIGHT_DECAY = 0.0001  # AdamW weight decay, Keras semantics (scaled by the lear
 EMBEDDING_BATCH_SIZE = 500  # images per batch when embedding, mining neighbours and predicting clusters
 EMBED_RAW_PIXELS = True  # tutorial quirk: embed images without the normalisation the encoder learned with
 K_NEIGHBOURS = 5  # neighbours of each image used during cluster learning (>= 1)
+MINING_FEATURES = "encoder"  # neighbours among "encoder" features (the tutorial) or "projection" outputs (SCAN)
 
 # Clustering
 NUM_CLUSTERS = 20  # number of clusters (>= 2)
+NUM_HEADS = 1  # clustering heads trained side by side; the one with the lowest SCAN loss is kept (SCAN: 10)
 CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_anchor, p_neighbour>, weighted entropy)
 SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)
 TUNE_ENCODER_DURING_CLUSTERING = False  # False freezes the encoder while the clustering head learns
@@ -139,8 +141,9 @@ RECIPES = {
         "data": "cifar10-train", "eval_data": "cifar10-test", "encoder": "resnet18", "augmentation": "simclr",
         "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_epochs": 500,
         "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
-        "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
-        "tune_encoder_during_clustering": True, "clustering_epochs": 50, "clustering_learning_rate": 0.0001,
+        "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10, "num_heads": 10,
+        "clustering_loss": "scan", "sample_one_neighbour": True, "tune_encoder_during_clustering": True,
+        "clustering_epochs": 50, "clustering_learning_rate": 0.0001,
         "self_label_epochs": 200, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
     # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images: nearly all the
@@ -149,9 +152,11 @@ RECIPES = {
         "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24,
         "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256,
         "representation_epochs": 25, "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0,
-        "embed_raw_pixels": False, "k_neighbours": 20, "num_clusters": 10, "clustering_loss": "scan",
-        "sample_one_neighbour": True, "tune_encoder_during_clustering": False, "cluster_on_features": True,
-        "clustering_epochs": 20, "clustering_learning_rate": 0.001, "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+        "embed_raw_pixels": False, "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10,
+        "num_heads": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
+        "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,
+        "clustering_learning_rate": 0.001,
+        "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
 }  # fmt: skip
 # The allowed values of the settings that name a component.
@@ -160,6 +165,7 @@ CHOICES = {
     "encoder": ["resnet50v2", "resnet18", "small"],
     "augmentation": ["tutorial", "tutorial-layers", "simclr"],
     "projection_head": ["tutorial", "mlp"],
+    "mining_features": ["encoder", "projection"],
     "contrastive_loss": ["tutorial", "ntxent"],
     "clustering_loss": ["tutorial", "scan"],
     "mixed_precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
@@ -172,12 +178,12 @@ STAGE_SETTINGS = {
         "l2_normalize", "batch_size", "representation_epochs", "representation_learning_rate",
         "learning_rate_decay_steps", "learning_rate_decay_alpha", "weight_decay",
     ],
-    "embeddings": ["embed_raw_pixels"],
+    "embeddings": ["embed_raw_pixels", "mining_features"],
     "neighbours": ["k_neighbours"],
     "clustering": [
-        "seed", "num_clusters", "clustering_loss", "sample_one_neighbour", "tune_encoder_during_clustering",
-        "cluster_on_features", "entropy_loss_weight", "clustering_epochs", "clustering_learning_rate", "weight_decay",
-        "batch_size",
+        "seed", "num_clusters", "num_heads", "clustering_loss", "sample_one_neighbour",
+        "tune_encoder_during_clustering", "cluster_on_features", "entropy_loss_weight", "clustering_epochs",
+        "clustering_learning_rate", "weight_decay", "batch_size",
     ],
     "self_labeling": ["self_label_epochs", "self_label_threshold", "self_label_learning_rate"],
     "predictions": [],
@@ -262,7 +268,8 @@ def validate_settings(settings, choices):
             raise UsageError(f"--{name}={getattr(settings, name)}: choose one of {', '.join(allowed)}")
     positive = [
         "batch_size", "embedding_batch_size", "representation_epochs", "clustering_epochs", "input_size",
-        "representation_dim", "projection_units", "k_neighbours", "prototypes_per_cluster", "steps_per_execution",
+        "representation_dim", "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster",
+        "steps_per_execution",
     ]  # fmt: skip
     for name in positive:
         if getattr(settings, name) <= 0:
@@ -997,7 +1004,6 @@ def train_representation_learner(
         initial_learning_rate=learning_rate, decay_steps=decay_steps or epochs * steps_per_epoch, alpha=decay_alpha
     )
     learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay), steps_per_execution=steps_per_execution)
-    learner(images[:2].astype("float32"))  # Builds the projection head, so that a checkpoint can be restored.
     return fit_resumable(
         learner,
         backup_dir,
@@ -1101,12 +1107,17 @@ def plot_loss_history(histories, path):
 
 ### Generate the embeddings for the images
 
-The features of every image are L2-normalised, so a dot product is a cosine similarity.
+The features of every image are L2-normalised, so a dot product is a cosine similarity. With MINING_FEATURES =
+"projection" they are the outputs of SimCLR's projection head, the space the contrastive loss shaped, as in
+SCAN's code; the clustering head still learns on the encoder's features.
 """
 
 
 def compute_embeddings(encoder, images, batch_size, data_preprocessing=None):
-    """L2-normalised features of the images; `data_preprocessing=None` keeps the tutorial's raw-pixel quirk."""
+    """L2-normalised `encoder` outputs of the images; `data_preprocessing=None` keeps the tutorial's raw-pixel quirk.
+
+    `encoder` may also be the encoder followed by SimCLR's projection head (MINING_FEATURES = "projection").
+    """
     # Tutorial quirk: the encoder embeds the raw pixels, without the normalization it was trained with.
     embedder = encoder if data_preprocessing is None else keras.Sequential([data_preprocessing, encoder])
     feature_vectors = embedder.predict(images, batch_size=batch_size, verbose=fit_verbosity())
@@ -1204,12 +1215,12 @@ class ClustersEntropyLoss(keras.losses.Loss):
         # Ideal entropy = log(num_clusters).
         num_clusters = ops.cast(ops.shape(cluster_probabilities)[-1], "float32")
         target = ops.log(num_clusters)
-        # Compute the overall clusters distribution.
+        # Compute the overall clusters distribution: [num_clusters], or [num_heads, num_clusters] (NUM_HEADS > 1).
         cluster_probabilities = ops.mean(ops.cast(cluster_probabilities, "float32"), axis=0)
         # Replacing zero probabilities - if any - with a very small value.
         cluster_probabilities = ops.clip(cluster_probabilities, 1e-8, 1.0)
-        # Compute the entropy over the clusters.
-        entropy = -ops.sum(cluster_probabilities * ops.log(cluster_probabilities))
+        # Compute the entropy over the clusters (of each head, then their mean).
+        entropy = ops.mean(-ops.sum(cluster_probabilities * ops.log(cluster_probabilities), axis=-1))
         # Compute the difference between the target and the actual (SCAN: minus the weighted entropy, up to a constant).
         return (self.entropy_loss_weight if self.apply_weight else 1.0) * (target - entropy)
 
@@ -1225,11 +1236,18 @@ computed once: far cheaper, and the standardisation of those features makes the 
 """
 
 
-def create_clustering_head(num_clusters, cached_features=None):
-    """The tutorial's softmax layer over the encoder's features. When the head learns on `cached_features`
-    (CLUSTER_ON_FEATURES), it first L2-normalises and standardises them with their mean and variance: on a frozen
-    encoder's features that conditioning is worth several points of accuracy."""
+def create_clustering_head(num_clusters, cached_features=None, num_heads=1):
+    """The tutorial's softmax layer over the encoder's features: [batch_size, num_clusters]. With `num_heads` > 1,
+    that many softmax layers side by side: [batch_size, num_heads, num_clusters]. When the head learns on
+    `cached_features` (CLUSTER_ON_FEATURES), it first L2-normalises and standardises them with their mean and
+    variance: on a frozen encoder's features that conditioning is worth several points of accuracy."""
     head = [layers.Dense(units=num_clusters, activation="softmax", dtype="float32")]
+    if num_heads > 1:
+        head = [
+            layers.Dense(units=num_heads * num_clusters, dtype="float32"),
+            layers.Reshape((num_heads, num_clusters), dtype="float32"),
+            layers.Softmax(dtype="float32"),
+        ]
     if cached_features is not None:
         unit_normalize, standardize = layers.UnitNormalization(dtype="float32"), layers.Normalization(dtype="float32")
         standardize.adapt(unit_normalize(cached_features))
@@ -1271,16 +1289,15 @@ def create_clustering_learner(clustering_model, data_augmentation, k_neighbours,
     neighbours = keras.Input(shape=(k_neighbours,) + input_shape, name="neighbours")
     # Changes neighbours shape to [batch_size * k_neighbours, height, width, channels] (or features).
     neighbours_reshaped = ops.reshape(neighbours, (-1,) + input_shape)
-    # anchor_clustering shape: [batch_size, num_clusters].
+    # anchor_clustering shape: [batch_size, num_clusters] (with NUM_HEADS > 1: [batch_size, num_heads, num_clusters]).
     anchor_clustering = clustering_model(augment(anchor))
-    # neighbours_clustering shape: [batch_size * k_neighbours, num_clusters].
+    # neighbours_clustering shape: [batch_size * k_neighbours, (num_heads,) num_clusters].
     neighbours_clustering = clustering_model(augment(neighbours_reshaped))
-    # Converts neighbours_clustering shape to [batch_size, k_neighbours, num_clusters].
-    neighbours_clustering = ops.reshape(neighbours_clustering, (-1, k_neighbours, ops.shape(neighbours_clustering)[-1]))
-    # similarity shape: [batch_size, 1, k_neighbours].
-    similarity = ops.einsum("bij,bkj->bik", ops.expand_dims(anchor_clustering, axis=1), neighbours_clustering)
-    # similarity shape: [batch_size, k_neighbours].
-    similarity = layers.Lambda(lambda x: ops.squeeze(x, axis=1), name="similarity")(similarity)
+    # Converts neighbours_clustering shape to [batch_size, k_neighbours, (num_heads,) num_clusters].
+    neighbours_clustering = ops.reshape(neighbours_clustering, (-1, k_neighbours, *neighbours_clustering.shape[1:]))
+    # similarity shape: [batch_size, (num_heads,) k_neighbours]; each head's anchor and neighbour assignments dotted.
+    similarity = ops.einsum("b...j,bk...j->b...k", anchor_clustering, neighbours_clustering)
+    similarity = layers.Identity(name="similarity")(similarity)
     return keras.Model(inputs=[anchor, neighbours], outputs=[similarity, anchor_clustering], name="clustering_learner")
 
 
@@ -1344,6 +1361,40 @@ def train_clustering_learner(
     return fit_resumable(
         clustering_learner, backup_dir, "clustering", "lower --clustering_learning_rate", x=batches, epochs=epochs
     )
+
+
+"""
+### Keep the best of several heads
+
+SCAN's code trains NUM_HEADS heads side by side on the same features and keeps the one whose SCAN loss over every
+anchor and all its mined neighbours is the lowest: choosing needs no labels, and it leaves behind the heads that
+settled on a poor partition.
+"""
+
+
+def scan_head_losses(probabilities, neighbour_indices):
+    """Each head's SCAN loss, as SCAN's code ranks heads: mean -log <p_anchor, p_neighbour> over every anchor and all
+    its neighbours, minus the entropy of the mean cluster distribution. [num_images, num_heads, num_clusters] ->
+    [num_heads]."""
+    losses = []
+    for head_probabilities in np.moveaxis(probabilities, 1, 0):  # [num_images, num_clusters]
+        # similarity shape: [num_images, k_neighbours].
+        similarity = np.einsum("nc,nkc->nk", head_probabilities, head_probabilities[neighbour_indices])
+        consistency = -np.mean(np.log(np.clip(similarity, 1e-7, 1.0)))
+        mean_probabilities = np.clip(head_probabilities.mean(axis=0), 1e-8, 1.0)
+        losses.append(consistency + np.sum(mean_probabilities * np.log(mean_probabilities)))
+    return np.array(losses)
+
+
+def copy_head(heads, head, index):
+    """Copies head `index` of the side-by-side `heads` into the single `head`; the layers before their Dense match."""
+    for source, target in zip(heads.layers, head.layers, strict=False):  # `heads` ends in Reshape and Softmax
+        if isinstance(target, layers.Dense):
+            kernel, bias = source.get_weights()
+            columns = slice(index * target.units, (index + 1) * target.units)
+            target.set_weights([kernel[:, columns], bias[columns]])
+            return
+        target.set_weights(source.get_weights())
 
 
 """
@@ -1809,11 +1860,14 @@ def main(argv=None):
             projection_head=settings.projection_head,
             contrastive_loss=settings.contrastive_loss,
         )
+        representation_learner(x_data[:2].astype("float32"))  # Builds the projection head, so it can be restored.
+        # The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs.
+        projected_encoder = keras.Sequential([encoder, representation_learner.projector], name="projected_encoder")
         representation_history = cache.trained_model(
             "representation",
             fingerprints["representation"],
             "representation learning",
-            encoder,
+            projected_encoder,
             lambda backup_dir: train_representation_learner(
                 representation_learner,
                 x_data,
@@ -1836,7 +1890,7 @@ def main(argv=None):
             fingerprints["embeddings"],
             "embeddings",
             lambda: compute_embeddings(
-                encoder,
+                projected_encoder if settings.mining_features == "projection" else encoder,
                 x_data,
                 settings.embedding_batch_size,
                 None if settings.embed_raw_pixels else data_preprocessing,
@@ -1864,28 +1918,33 @@ def main(argv=None):
         neighbours_per_anchor = 1 if settings.sample_one_neighbour else settings.k_neighbours
         cached_features = None
         if settings.cluster_on_features:
-            # The frozen encoder's features of the un-augmented images (the embeddings, unless they were of raw pixels).
+            # The frozen encoder's features of the un-augmented images: the embeddings, unless those were of raw
+            # pixels or of projections.
             cached_features = feature_vectors
-            if settings.embed_raw_pixels:
+            if settings.embed_raw_pixels or settings.mining_features == "projection":
                 cached_features = compute_embeddings(encoder, x_data, settings.embedding_batch_size, data_preprocessing)
         clustering_head = create_clustering_head(settings.num_clusters, cached_features)
         clustering_model = create_clustering_model(
             encoder, clustering_head, settings.input_size, data_preprocessing, name="clustering"
         )
-        # What learns, here and in self-labeling: the clustering model on augmented images (the tutorial), or the
+        # SCAN trains NUM_HEADS heads side by side, then keeps the one with the lowest loss; one is the tutorial's.
+        training_heads = clustering_head
+        if settings.num_heads > 1:
+            training_heads = create_clustering_head(settings.num_clusters, cached_features, settings.num_heads)
+        # What learns, here and in self-labeling: the encoder and head on augmented images (the tutorial), or the
         # head alone on the cached features.
-        learning_model, learning_inputs, learning_augmentation = clustering_model, x_data, data_augmentation
+        learning_inputs, learning_augmentation = x_data, data_augmentation
+        training_model = create_clustering_model(encoder, training_heads, settings.input_size, data_preprocessing)
+        self_labeling_model = clustering_model
         if cached_features is not None:
-            learning_model, learning_inputs, learning_augmentation = clustering_head, cached_features, None
+            learning_inputs, learning_augmentation = cached_features, None
+            training_model, self_labeling_model = training_heads, clustering_head
         clustering_learner = create_clustering_learner(
-            learning_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:]
+            training_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:]
         )
-        clustering_history = cache.trained_model(
-            "clustering",
-            fingerprints["clustering"],
-            "clustering",
-            clustering_model,
-            lambda backup_dir: train_clustering_learner(
+
+        def train_clustering(backup_dir):
+            history = train_clustering_learner(
                 clustering_learner,
                 NeighbourBatches(
                     learning_inputs, neighbours, settings.batch_size, settings.seed, settings.sample_one_neighbour
@@ -1897,7 +1956,22 @@ def main(argv=None):
                 settings.clustering_loss == "scan",
                 settings.steps_per_execution,
                 backup_dir,
-            ),
+            )
+            if settings.num_heads > 1:
+                probabilities = training_model.predict(
+                    learning_inputs, batch_size=settings.embedding_batch_size, verbose=0
+                )
+                head_losses = scan_head_losses(probabilities, neighbours)
+                best = int(np.argmin(head_losses))
+                print(
+                    f"clustering: kept head {best + 1} of {settings.num_heads}, whose SCAN loss {head_losses[best]:.4f} "
+                    f"is the lowest (the highest: {head_losses.max():.4f})"
+                )
+                copy_head(training_heads, clustering_head, best)
+            return history
+
+        clustering_history = cache.trained_model(
+            "clustering", fingerprints["clustering"], "clustering", clustering_model, train_clustering
         )
         plot_loss_history(clustering_history, output_path("clustering_loss.png"))
 
@@ -1919,7 +1993,7 @@ def main(argv=None):
                 "self-labeling",
                 clustering_model,
                 lambda backup_dir: run_self_labeling(
-                    learning_model, learning_inputs, augmentations, settings, backup_dir
+                    self_labeling_model, learning_inputs, augmentations, settings, backup_dir
                 ),
             )
             if self_label_history:

@@ -88,6 +88,10 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe):
     assert re.search(
         r"^neighbour purity: [\d.]+% of the 2 neighbours share their anchor's label$", out, flags=re.MULTILINE
     )
+    # Both recipes train 10 heads side by side and keep the one with the lowest SCAN loss, as SCAN's code does.
+    assert re.search(
+        r"^clustering: kept head \d+ of 10, whose SCAN loss -?[\d.]+ is the lowest", out, flags=re.MULTILINE
+    )
     assert "## Self-labeling: 1 epochs" in out
     assert re.search(r"^self-labeling: \d+ of 24 images are more than 34% confident$", out, flags=re.MULTILINE)
     assert re.search(

@@ -104,6 +104,70 @@ def test_scan_entropy_loss_applies_its_weight():
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
 
 
+def test_entropy_loss_of_several_heads_is_the_mean_of_each_heads_loss():
+    probabilities = np.random.default_rng(8).dirichlet(np.ones(4), size=(6, 3)).astype("float32")  # [6, 3 heads, 4]
+    loss = scan.ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)
+    each_head = [float(ops.convert_to_numpy(loss(np.ones(6), probabilities[:, head]))) for head in range(3)]
+    np.testing.assert_allclose(ops.convert_to_numpy(loss(np.ones(6), probabilities)), np.mean(each_head), rtol=1e-5)
+
+
+def test_clustering_learner_gives_each_head_its_own_anchor_neighbour_similarities():
+    rng = np.random.default_rng(9)
+    features = rng.normal(size=(10, 6)).astype("float32")
+    neighbour_indices = rng.integers(0, 10, size=(10, 3))
+    for num_heads in (1, 4):
+        heads = scan.create_clustering_head(5, features, num_heads)
+        learner = scan.create_clustering_learner(heads, None, 3, (6,))
+        similarity, anchors = learner({"anchors": features, "neighbours": features[neighbour_indices]})
+        probabilities = ops.convert_to_numpy(heads(features)).reshape(10, num_heads, 5)
+        expected = np.array(
+            [
+                [[probabilities[n, h] @ probabilities[m, h] for m in neighbour_indices[n]] for h in range(num_heads)]
+                for n in range(10)
+            ]
+        )  # [anchor, head, neighbour]
+        np.testing.assert_allclose(ops.convert_to_numpy(similarity), expected.reshape(similarity.shape), atol=1e-6)
+        np.testing.assert_allclose(ops.convert_to_numpy(anchors).reshape(10, num_heads, 5), probabilities, atol=1e-6)
+
+
+def scan_loss_reference(probabilities, neighbour_indices):
+    """One head's SCAN loss with explicit loops: mean -log of each anchor-neighbour dot product, minus the entropy."""
+    pairs = [
+        np.log(probabilities[n] @ probabilities[m]) for n in range(len(probabilities)) for m in neighbour_indices[n]
+    ]
+    mean = probabilities.mean(axis=0)
+    return -np.mean(pairs) + np.sum(mean * np.log(mean))
+
+
+def test_scan_head_losses_match_loops_and_rank_a_consistent_head_first():
+    rng = np.random.default_rng(10)
+    probabilities = rng.dirichlet(np.ones(4), size=(12, 3)).astype("float64")  # [12 images, 3 heads, 4 clusters]
+    neighbour_indices = rng.integers(0, 12, size=(12, 5))
+    expected = [scan_loss_reference(probabilities[:, head], neighbour_indices) for head in range(3)]
+    np.testing.assert_allclose(scan.scan_head_losses(probabilities, neighbour_indices), expected, rtol=1e-6)
+    # Two groups of images whose neighbours are in their own group: a head that gives each group its own
+    # cluster beats one that puts everything in one cluster and one that assigns at random.
+    groups = np.repeat([0, 1], 6)
+    neighbour_indices = np.array([[m for m in range(12) if groups[m] == groups[n] and m != n][:3] for n in range(12)])
+    consistent = np.eye(2)[groups] * 0.98 + 0.01
+    collapsed = np.tile([0.99, 0.01], (12, 1))
+    random = rng.dirichlet(np.ones(2), size=12)
+    losses = scan.scan_head_losses(np.stack([collapsed, random, consistent], axis=1), neighbour_indices)
+    assert int(np.argmin(losses)) == 2
+
+
+def test_copy_head_keeps_exactly_the_chosen_heads_outputs():
+    features = np.random.default_rng(11).normal(2.0, 3.0, size=(9, 6)).astype("float32")
+    heads = scan.create_clustering_head(4, features, num_heads=3)
+    heads(features)  # builds the weights, random per head
+    head = scan.create_clustering_head(4, features)
+    head(features)
+    scan.copy_head(heads, head, 2)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(head(features)), ops.convert_to_numpy(heads(features))[:, 2], atol=1e-6
+    )
+
+
 def test_self_label_threshold_selects_exactly_the_confident_images_with_class_balance():
     weak = np.array([[0.95, 0.04, 0.01], [0.5, 0.3, 0.2], [0.02, 0.97, 0.01], [0.91, 0.05, 0.04], [0.1, 0.1, 0.8]])
     labels, weights = scan.self_label_targets(ops.convert_to_tensor(weak.astype("float32")), 0.9)

@@ -134,6 +134,21 @@ def test_truncated_artifacts_are_discarded_and_recomputed(run_dir):
     assert np.load(next(cache_dir.glob("neighbours-*.npy"))).shape == (24, 2)
 
 
+def test_projection_head_is_cached_with_the_encoder_for_mining_in_its_space(run_dir):
+    tmp_path, data_args = run_dir
+    args = [*data_args, *TINY, "--mining_features=projection", "--projection_units=6"]
+    assert run_script(args, cwd=tmp_path).returncode == 0
+    embeddings_path = next((tmp_path / "out" / "cache").glob("embeddings-*.npy"))
+    trained = np.load(embeddings_path)
+    assert trained.shape == (24, 6)  # the projection head's outputs, not the encoder's 512 features
+    embeddings_path.unlink()
+    result = run_script(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "representation learning: done before" in result.stdout and "embeddings: done before" not in result.stdout
+    # Embedded again by the restored encoder and projection head: the same vectors as right after training.
+    np.testing.assert_allclose(np.load(next((tmp_path / "out" / "cache").glob("embeddings-*.npy"))), trained, atol=1e-5)
+
+
 def test_diverging_training_stops_with_advice_and_caches_nothing(tmp_path):
     folder = make_image_folder(tmp_path / "images")
     result = run_script(

@@ -98,6 +98,8 @@ def script_settings(argv):
         ("--representation_epochs=0", "--representation_epochs=0: must be at least 1"),
         ("--batch_size=-4", "--batch_size=-4: must be at least 1"),
         ("--num_clusters=1", "at least 2 clusters"),
+        ("--num_heads=0", "--num_heads=0: must be at least 1"),
+        ("--mining_features=pixels", "--mining_features=pixels: choose one of encoder, projection"),
         ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
         ("--encoder=vgg16", "--encoder=vgg16: choose one of resnet50v2, resnet18, small"),
@@ -142,6 +144,9 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
     assert scan_recipe.tune_encoder_during_clustering is True and scan_recipe.self_label_threshold == 0.99
     assert scan_recipe.entropy_loss_weight == 5.0 and scan_recipe.temperature == 0.1
     assert scan_recipe.eval_data == "cifar10-test"
+    # SCAN's code mines neighbours among the projection head's outputs; the tutorial among the encoder's features.
+    assert (tutorial.mining_features, scan_recipe.mining_features) == ("encoder", "projection")
+    assert (tutorial.num_heads, scan_recipe.num_heads) == (1, 10)  # SCAN's code trains 10 heads and keeps the best
     # A setting on the command line wins over the recipe, in either order of the arguments.
     for argv in (["--recipe=scan", "--num_clusters=20"], ["--num_clusters=20", "--recipe=scan"]):
         settings = script_settings(argv)
