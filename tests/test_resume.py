@@ -114,39 +114,30 @@ def truncate(path):
 
 def test_truncated_artifacts_are_discarded_and_recomputed(run_dir):
     tmp_path, data_args = run_dir
-    assert run_script([*data_args, *TINY], cwd=tmp_path).returncode == 0
+    # Neighbours mined among the projection head's outputs, so re-embedding needs the head from the cache too.
+    args = [*data_args, *TINY, "--mining_features=projection", "--projection_units=6"]
+    assert run_script(args, cwd=tmp_path).returncode == 0
     cache_dir = tmp_path / "out" / "cache"
+    embeddings = np.load(next(cache_dir.glob("embeddings-*.npy")))
+    assert embeddings.shape == (24, 6)  # the projection head's outputs, not the encoder's 512 features
 
     truncate(next(cache_dir.glob("clustering-*.weights.h5")))
-    result = run_script([*data_args, *TINY], cwd=tmp_path)
+    result = run_script(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"warning: discarding unreadable .*clustering-\w+\.weights\.h5", result.stdout)
     assert "neighbour mining: done before" in result.stdout and "Epoch 1/2" in result.stdout  # clustering retrained
 
-    truncate(next(cache_dir.glob("neighbours-*.npy")))
-    result = run_script([*data_args, *TINY], cwd=tmp_path)
+    truncate(next(cache_dir.glob("embeddings-*.npy")))
+    result = run_script(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"warning: discarding unreadable .*neighbours-\w+\.npy", result.stdout)
-    assert "representation learning: done before" in result.stdout and "embeddings: done before" in result.stdout
-    # The neighbours are mined again, so every later stage is recomputed from them, not reused.
+    assert re.search(r"warning: discarding unreadable .*embeddings-\w+\.npy", result.stdout)
+    assert "representation learning: done before" in result.stdout
+    # The embeddings are computed again, so every later stage is recomputed from them, not reused.
     assert "neighbour mining: done before" not in result.stdout
     assert "clustering: done before" not in result.stdout and "cluster assignment: done before" not in result.stdout
     assert np.load(next(cache_dir.glob("neighbours-*.npy"))).shape == (24, 2)
-
-
-def test_projection_head_is_cached_with_the_encoder_for_mining_in_its_space(run_dir):
-    tmp_path, data_args = run_dir
-    args = [*data_args, *TINY, "--mining_features=projection", "--projection_units=6"]
-    assert run_script(args, cwd=tmp_path).returncode == 0
-    embeddings_path = next((tmp_path / "out" / "cache").glob("embeddings-*.npy"))
-    trained = np.load(embeddings_path)
-    assert trained.shape == (24, 6)  # the projection head's outputs, not the encoder's 512 features
-    embeddings_path.unlink()
-    result = run_script(args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "representation learning: done before" in result.stdout and "embeddings: done before" not in result.stdout
     # Embedded again by the restored encoder and projection head: the same vectors as right after training.
-    np.testing.assert_allclose(np.load(next((tmp_path / "out" / "cache").glob("embeddings-*.npy"))), trained, atol=1e-5)
+    np.testing.assert_allclose(np.load(next(cache_dir.glob("embeddings-*.npy"))), embeddings, atol=1e-5)
 
 
 def test_diverging_training_stops_with_advice_and_caches_nothing(tmp_path):
