@@ -1933,12 +1933,16 @@ def main(argv=None):
             training_heads = create_clustering_head(settings.num_clusters, cached_features, settings.num_heads)
         # What learns, here and in self-labeling: the encoder and head on augmented images (the tutorial), or the
         # head alone on the cached features.
-        learning_inputs, learning_augmentation = x_data, data_augmentation
-        training_model = create_clustering_model(encoder, training_heads, settings.input_size, data_preprocessing)
-        self_labeling_model = clustering_model
         if cached_features is not None:
             learning_inputs, learning_augmentation = cached_features, None
             training_model, self_labeling_model = training_heads, clustering_head
+        else:
+            learning_inputs, learning_augmentation = x_data, data_augmentation
+            training_model, self_labeling_model = clustering_model, clustering_model
+            if training_heads is not clustering_head:
+                training_model = create_clustering_model(
+                    encoder, training_heads, settings.input_size, data_preprocessing
+                )
         clustering_learner = create_clustering_learner(
             training_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:]
         )
