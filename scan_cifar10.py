@@ -1374,15 +1374,16 @@ settled on a poor partition.
 
 def scan_head_losses(probabilities, neighbour_indices):
     """Each head's SCAN loss, as SCAN's code ranks heads: mean -log <p_anchor, p_neighbour> over every anchor and all
-    its neighbours, minus the entropy of the mean cluster distribution. [num_images, num_heads, num_clusters] ->
-    [num_heads]."""
+    its neighbours, plus log(num_clusters) minus the entropy of the mean cluster distribution (the two losses above,
+    the entropy unweighted). [num_images, num_heads, num_clusters] -> [num_heads]."""
+    consistency_loss, entropy_loss = ClustersConsistencyLoss(from_logits=False), ClustersEntropyLoss()
     losses = []
     for head_probabilities in np.moveaxis(probabilities, 1, 0):  # [num_images, num_clusters]
         # similarity shape: [num_images, k_neighbours].
         similarity = np.einsum("nc,nkc->nk", head_probabilities, head_probabilities[neighbour_indices])
-        consistency = -np.mean(np.log(np.clip(similarity, 1e-7, 1.0)))
-        mean_probabilities = np.clip(head_probabilities.mean(axis=0), 1e-8, 1.0)
-        losses.append(consistency + np.sum(mean_probabilities * np.log(mean_probabilities)))
+        targets = np.ones(len(similarity), dtype="float32")  # ignored, as in training
+        loss = consistency_loss(targets, similarity) + entropy_loss(targets, head_probabilities)
+        losses.append(float(ops.convert_to_numpy(loss)))
     return np.array(losses)
 
 

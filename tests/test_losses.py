@@ -131,12 +131,13 @@ def test_clustering_learner_gives_each_head_its_own_anchor_neighbour_similaritie
 
 
 def scan_loss_reference(probabilities, neighbour_indices):
-    """One head's SCAN loss with explicit loops: mean -log of each anchor-neighbour dot product, minus the entropy."""
+    """One head's SCAN loss with explicit loops: mean -log of each anchor-neighbour dot product, plus log K minus
+    the entropy."""
     pairs = [
         np.log(probabilities[n] @ probabilities[m]) for n in range(len(probabilities)) for m in neighbour_indices[n]
     ]
     mean = probabilities.mean(axis=0)
-    return -np.mean(pairs) + np.sum(mean * np.log(mean))
+    return -np.mean(pairs) + np.log(probabilities.shape[1]) + np.sum(mean * np.log(mean))
 
 
 def test_scan_head_losses_match_loops_and_rank_a_consistent_head_first():
