@@ -131,6 +131,9 @@ PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototy
 # Speed
 MIXED_PRECISION = "auto"  # "auto" (mixed_bfloat16 on a GPU that has it, else float32), "float32", "mixed_bfloat16"
 STEPS_PER_EXECUTION = 1  # training steps per compiled call; more cuts the per-step overhead on a fast GPU
+DATA_ON_DEVICE = "auto"  # keep training images on the accelerator: "auto" (JAX, if they fit), "true", "false"
+COMPILATION_CACHE = True  # keep compiled steps in OUTPUT_DIR/cache/compiled (JAX): later runs load them
+CHECKPOINT_SECONDS = 60  # save training state at most this often (0 = every epoch); a killed run resumes there
 # --------------------------------------------------------------------------------------- end of settings
 
 # Each recipe is a coherent set of defaults; a setting given on the command line always wins over it.
@@ -169,6 +172,7 @@ CHOICES = {
     "contrastive_loss": ["tutorial", "ntxent"],
     "clustering_loss": ["tutorial", "scan"],
     "mixed_precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+    "data_on_device": ["auto", "true", "false"],
 }
 # The settings each cached stage depends on; a stage's fingerprint also covers the data and every earlier stage.
 STAGE_SETTINGS = {
@@ -274,7 +278,9 @@ def validate_settings(settings, choices):
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
-    for name in ["max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size"]:
+    for name in [
+        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "checkpoint_seconds"
+    ]:  # fmt: skip
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
     for name in ["temperature", "representation_learning_rate", "clustering_learning_rate", "self_label_learning_rate"]:
@@ -373,6 +379,80 @@ def resolve_mixed_precision(setting, gpus):
     if setting != "auto":
         return setting
     return "mixed_bfloat16" if gpus and all(capability >= (8, 0) for _, capability in gpus) else "float32"
+
+
+def device_memory_bytes():
+    """The memory of the first device in bytes where the backend reports it (JAX on a GPU), else None."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats()
+    return stats.get("bytes_limit") if stats else None
+
+
+def resolve_data_on_device(setting, num_bytes, backend, memory_bytes):
+    """Whether the training rows (`num_bytes`) are held on the device, so that no step copies its batch from the host.
+
+    "auto": on JAX, when the rows take at most a quarter of the device's memory (`memory_bytes`; None for the
+    host's memory, on a CPU). TensorFlow feeds its batches from host memory through its input pipeline.
+    """
+    if setting != "auto":
+        return setting == "true"
+    return backend == "jax" and (memory_bytes is None or num_bytes <= memory_bytes / 4)
+
+
+def enable_compilation_cache(folder):
+    """JAX keeps every program it compiles in `folder` and loads it from there in later runs; returns whether it does.
+
+    Even small programs are kept: a run compiles hundreds of them (Keras builds the models with eager operations).
+    """
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return True
+
+
+class CompilationLog:
+    """The compilations that JAX reports through its monitoring events: each program's name and seconds (a load from
+    the persistent cache counts as one, with its loading time), and how many came from that cache. Other backends
+    report none."""
+
+    def __init__(self):
+        self.compilations = []  # (function name, seconds)
+        self.cache_hits = 0
+        if keras.backend.backend() == "jax":
+            from jax import monitoring
+
+            monitoring.register_event_duration_secs_listener(self.on_duration)
+            monitoring.register_event_listener(self.on_event)
+
+    def on_duration(self, event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compilations.append((kwargs.get("fun_name", "").removeprefix("jit(").removesuffix(")"), seconds))
+
+    def on_event(self, event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.cache_hits += 1
+
+    def mark(self):
+        return len(self.compilations), self.cache_hits
+
+    def since(self, mark):
+        """What was compiled after `mark`: programs, seconds, loads from the cache and the count of each training or
+        prediction step (Keras's `train_step` and `predict_step`)."""
+        compilations = self.compilations[mark[0] :]
+        names = [name for name, _ in compilations]
+        return {
+            "programs": len(compilations),
+            "seconds": round(sum(seconds for _, seconds in compilations), 2),
+            "from_cache": self.cache_hits - mark[1],
+            "steps": {name: names.count(name) for name in ("train_step", "predict_step") if name in names},
+        }
 
 
 """
@@ -555,6 +635,97 @@ def split_holdout(dataset, holdout_images, seed):
     return subset(~held_out, f"{len(dataset.images) - holdout_images} images"), subset(
         held_out, f"{holdout_images} held-out images"
     )
+
+
+"""
+### Batches for the training steps
+
+Every training step sees a full batch: after each epoch's shuffle, the `num_rows % batch_size` rows left over wait
+for a later epoch (each epoch leaves out others). A step of one shape compiles once, where a smaller last batch
+would compile a second step function. The rows (images, or cached features) stay on the accelerator when they fit
+(DATA_ON_DEVICE): a batch is then a vector of row indices, and the `DeviceRows` layer at the front of each learner
+gathers its rows on the device, so no step copies images from the host.
+"""
+
+
+class DeviceRows(layers.Layer):
+    """Holds `rows` [num_rows, ...] on the device as a non-trainable variable; maps indices [...] to rows [..., ...].
+
+    The rows are data, not weights: checkpoints neither save nor load them.
+    """
+
+    def __init__(self, rows, **kwargs):
+        super().__init__(**kwargs)
+        self.rows = self.add_weight(
+            shape=rows.shape, dtype=rows.dtype, initializer="zeros", trainable=False, autocast=False, name="rows"
+        )
+        self.rows.assign(rows)
+
+    def call(self, indices):
+        return ops.take(self.rows, ops.cast(indices, "int32"), axis=0)
+
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
+
+
+def hold_on_device(rows, setting):
+    """A DeviceRows layer holding `rows` where DATA_ON_DEVICE (`setting`) keeps them on the device, else None."""
+    if resolve_data_on_device(setting, rows.nbytes, keras.backend.backend(), device_memory_bytes()):
+        return DeviceRows(rows, name="device_rows")
+    return None
+
+
+class RowBatches(keras.utils.PyDataset):
+    """Shuffled full batches of `batch_size` rows (all rows in one batch when there are fewer).
+
+    A batch is the rows' indices, or with `rows` (rows fed from the host) the rows themselves. With
+    `neighbour_indices` [num_rows, K] each anchor comes with its neighbours, all of them (the tutorial) or with
+    `sample_one_neighbour` one drawn at random (SCAN), as the inputs "anchors" and "neighbours" of the clustering
+    learner, and targets that its losses ignore.
+    """
+
+    def __init__(
+        self, num_rows, batch_size, seed, rows=None, neighbour_indices=None, sample_one_neighbour=False, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_rows = num_rows
+        self.batch_size = min(batch_size, num_rows)
+        self.rows = rows
+        self.neighbour_indices = neighbour_indices
+        self.sample_one_neighbour = sample_one_neighbour
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(num_rows).astype("int32")
+
+    def __len__(self):
+        return self.num_rows // self.batch_size
+
+    def __getitem__(self, index):
+        anchors = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        take = (lambda indices: indices) if self.rows is None else (lambda indices: self.rows[indices])  # noqa: E731
+        if self.neighbour_indices is None:
+            return take(anchors)
+        neighbours = self.neighbour_indices[anchors].astype("int32")  # [batch_size, k_neighbours]
+        if self.sample_one_neighbour:
+            neighbours = np.take_along_axis(
+                neighbours, self.rng.integers(neighbours.shape[1], size=(len(anchors), 1)), 1
+            )
+        # The losses ignore their targets, as in the tutorial.
+        targets = np.ones(len(anchors), dtype="float32")
+        return {"anchors": take(anchors), "neighbours": take(neighbours)}, (targets, targets)
+
+    def on_epoch_end(self):
+        self.order = self.rng.permutation(self.num_rows).astype("int32")
+
+
+def predict_in_full_batches(model, inputs, batch_size, verbose=0):
+    """`model.predict` with the last batch padded to `batch_size` (and its padding cut from the outputs), so that one
+    compiled prediction step serves every call of the model."""
+    padding = -len(inputs) % batch_size
+    padded = np.concatenate([inputs, np.zeros((padding, *inputs.shape[1:]), inputs.dtype)]) if padding else inputs
+    return model.predict(padded, batch_size=batch_size, verbose=verbose)[: len(inputs)]
 
 
 """
@@ -937,9 +1108,12 @@ class RepresentationLearner(keras.Model):
         l2_normalize=False,
         projection_head="tutorial",
         contrastive_loss="tutorial",
+        rows=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # With the images on the device (a DeviceRows layer), the inputs are their indices.
+        self.rows = rows
         self.encoder = encoder
         # Create projection head: the tutorial's, or SimCLR's two-layer MLP.
         if projection_head == "tutorial":
@@ -960,9 +1134,10 @@ class RepresentationLearner(keras.Model):
         self.contrastive_loss = contrastive_loss
 
     def call(self, inputs, training=False):
+        images = inputs if self.rows is None else self.rows(inputs)
         # Create augmented versions of the images: [num_augmentations * batch_size, height, width, 3].
         augmented = ops.concatenate(
-            [self.data_augmentation(inputs, training=training) for _ in range(self.num_augmentations)], axis=0
+            [self.data_augmentation(images, training=training) for _ in range(self.num_augmentations)], axis=0
         )
         # Preprocess the augmented images.
         preprocessed = self.data_preprocessing(augmented)
@@ -987,21 +1162,21 @@ def create_adamw(learning_rate, weight_decay):
 
 def train_representation_learner(
     learner,
-    images,
-    batch_size,
+    batches,
     epochs,
     learning_rate,
     decay_steps,
     decay_alpha,
     weight_decay,
     steps_per_execution,
+    checkpoint_seconds,
     backup_dir,
 ):
-    """Trains the contrastive learner, resuming from `backup_dir`; returns the history of every epoch."""
+    """Trains the contrastive learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
+    every epoch."""
     # Create a cosine decay learning rate scheduler.
-    steps_per_epoch = -(-len(images) // batch_size)
     lr_scheduler = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate, decay_steps=decay_steps or epochs * steps_per_epoch, alpha=decay_alpha
+        initial_learning_rate=learning_rate, decay_steps=decay_steps or epochs * len(batches), alpha=decay_alpha
     )
     learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay), steps_per_execution=steps_per_execution)
     return fit_resumable(
@@ -1009,8 +1184,8 @@ def train_representation_learner(
         backup_dir,
         "representation learning",
         "lower --representation_learning_rate or raise --temperature",
-        x=images,
-        batch_size=batch_size,
+        checkpoint_seconds,
+        x=batches,
         epochs=epochs,
     )
 
@@ -1018,25 +1193,33 @@ def train_representation_learner(
 """
 ### Resume interrupted training
 
-After every epoch the weights, the optimizer state and the loss history are saved to the stage's backup
-folder (like Keras's `BackupAndRestore`, but atomically and with the history), so a killed run continues
-from its last completed epoch. `TerminateOnNaN` stops a diverging stage, which then fails with advice.
+At the end of an epoch, once `CHECKPOINT_SECONDS` have passed since the stage started or since the last save,
+the weights, the optimizer state and the loss history are saved to the stage's backup folder (like Keras's
+`BackupAndRestore`, but atomically, with the history and by time), so a killed run continues from its last saved
+epoch and loses at most that much training; a fast GPU does not spend its time writing files every epoch. The
+end of a stage is saved as the stage's result. `TerminateOnNaN` stops a diverging stage, which then fails with
+advice.
 """
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the model (optimizer included) and the history after every epoch whose losses are finite."""
+    """Records the history of every epoch; saves the model (optimizer included) and the history at the end of an
+    epoch whose losses are finite once `every_seconds` have passed since the last save (0: every epoch)."""
 
-    def __init__(self, backup_dir, history):
+    def __init__(self, backup_dir, history, every_seconds):
         super().__init__()
         self.backup_dir = backup_dir
         self.history = history
+        self.every_seconds = every_seconds
+        self.last_save = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
-        if not np.all(np.isfinite(list(logs.values()))):
+        now = time.monotonic()
+        if not np.all(np.isfinite(list(logs.values()))) or now - self.last_save < self.every_seconds:
             return
+        self.last_save = now
         os.makedirs(self.backup_dir, exist_ok=True)
         weights_name = f"epoch-{epoch + 1:04d}.weights.h5"
         save_weights(self.model, os.path.join(self.backup_dir, weights_name))
@@ -1065,18 +1248,25 @@ def restore_checkpoint(model, backup_dir):
     return state["epoch"], state["history"]
 
 
-def fit_resumable(model, backup_dir, stage, remedy, **fit_arguments):
-    """`model.fit` from the last epoch saved in `backup_dir`; returns the history of all epochs.
+def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_arguments):
+    """`model.fit` from the last epoch saved in `backup_dir`, saving at most every `checkpoint_seconds`; returns the
+    history of all epochs.
 
     Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite.
     """
     print(
         f"{stage}: training step {'XLA-compiled' if model.jit_compile else 'not XLA-compiled'} (jit_compile={model.jit_compile})"
     )
+    batches = fit_arguments["x"]
+    left_over = batches.num_rows % batches.batch_size
+    print(
+        f"{stage}: {len(batches)} steps of {batches.batch_size} per epoch"
+        + (f"; after each shuffle, {left_over} rows wait for a later epoch" if left_over else "")
+    )
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
         print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
-    callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history)]
+    callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
     model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), **fit_arguments)
     for epoch, losses in enumerate(zip(*history.values(), strict=True), start=1):
         if not np.all(np.isfinite(losses)):
@@ -1120,7 +1310,7 @@ def compute_embeddings(encoder, images, batch_size, data_preprocessing=None):
     """
     # Tutorial quirk: the encoder embeds the raw pixels, without the normalization it was trained with.
     embedder = encoder if data_preprocessing is None else keras.Sequential([data_preprocessing, encoder])
-    feature_vectors = embedder.predict(images, batch_size=batch_size, verbose=fit_verbosity())
+    feature_vectors = predict_in_full_batches(embedder, images, batch_size, verbose=fit_verbosity())
     if not np.isfinite(feature_vectors).all():
         raise UsageError("the encoder produced NaN or infinite features; lower --representation_learning_rate")
     return feature_vectors / np.maximum(np.linalg.norm(feature_vectors, axis=-1, keepdims=True), 1e-12)
@@ -1141,12 +1331,18 @@ def mine_neighbours(feature_vectors, k_neighbours, batch_size):
     num_images = len(feature_vectors)
     all_features = ops.convert_to_tensor(feature_vectors)
     neighbour_indices = np.empty((num_images, k_neighbours), dtype=np.int64)
+    # The anchors are padded to whole batches, so each batch's matmul and top-k compile once.
+    anchors = np.concatenate(
+        [feature_vectors, np.zeros((-num_images % batch_size, feature_vectors.shape[1]), "float32")]
+    )
     for start in tqdm(range(0, num_images, batch_size), desc="mining neighbours", unit="batch"):
         end = min(start + batch_size, num_images)
-        # similarities shape: [end - start, num_images]; one matmul and one top-k on the device per batch.
-        similarities = ops.matmul(all_features[start:end], ops.transpose(all_features))
+        # similarities shape: [batch_size, num_images]; one matmul and one top-k on the device per batch.
+        similarities = ops.matmul(
+            ops.convert_to_tensor(anchors[start : start + batch_size]), ops.transpose(all_features)
+        )
         _, indices = ops.top_k(similarities, k=k_neighbours + 1, sorted=True)
-        indices = ops.convert_to_numpy(indices)  # [end - start, k_neighbours + 1]
+        indices = ops.convert_to_numpy(indices)[: end - start]  # [end - start, k_neighbours + 1]
         # Keep the best k that are not the image itself: drop it, or the (k+1)-th when it is not among them.
         is_other = indices != np.arange(start, end)[:, None]
         keep = is_other & (np.cumsum(is_other, axis=1) <= k_neighbours)
@@ -1278,19 +1474,26 @@ clustering model, and produces two outputs:
 """
 
 
-def create_clustering_learner(clustering_model, data_augmentation, k_neighbours, input_shape):
+def create_clustering_learner(clustering_model, data_augmentation, k_neighbours, row_shape, device_rows=None):
     """`k_neighbours` is the number of neighbours given per anchor: K, or 1 when one is sampled per step.
 
-    The inputs are images of `input_shape`, augmented here; or, with CLUSTER_ON_FEATURES, the clustering model
-    is the head alone, the inputs are cached feature vectors and `data_augmentation` is None.
+    The rows are images of `row_shape`, augmented here; or, with CLUSTER_ON_FEATURES, the clustering model is the
+    head alone, the rows are cached feature vectors and `data_augmentation` is None. With `device_rows` (a
+    DeviceRows layer), the inputs are the rows' indices and the rows are gathered on the device.
     """
     augment = (lambda inputs: inputs) if data_augmentation is None else data_augmentation
-    anchor = keras.Input(shape=input_shape, name="anchors")
-    neighbours = keras.Input(shape=(k_neighbours,) + input_shape, name="neighbours")
+    if device_rows is None:
+        anchor = keras.Input(shape=row_shape, name="anchors")
+        neighbours = keras.Input(shape=(k_neighbours,) + row_shape, name="neighbours")
+        anchor_rows, neighbour_rows = anchor, neighbours
+    else:
+        anchor = keras.Input(shape=(), dtype="int32", name="anchors")
+        neighbours = keras.Input(shape=(k_neighbours,), dtype="int32", name="neighbours")
+        anchor_rows, neighbour_rows = device_rows(anchor), device_rows(neighbours)
     # Changes neighbours shape to [batch_size * k_neighbours, height, width, channels] (or features).
-    neighbours_reshaped = ops.reshape(neighbours, (-1,) + input_shape)
+    neighbours_reshaped = ops.reshape(neighbour_rows, (-1,) + row_shape)
     # anchor_clustering shape: [batch_size, num_clusters] (with NUM_HEADS > 1: [batch_size, num_heads, num_clusters]).
-    anchor_clustering = clustering_model(augment(anchor))
+    anchor_clustering = clustering_model(augment(anchor_rows))
     # neighbours_clustering shape: [batch_size * k_neighbours, (num_heads,) num_clusters].
     neighbours_clustering = clustering_model(augment(neighbours_reshaped))
     # Converts neighbours_clustering shape to [batch_size, k_neighbours, (num_heads,) num_clusters].
@@ -1299,43 +1502,6 @@ def create_clustering_learner(clustering_model, data_augmentation, k_neighbours,
     similarity = ops.einsum("b...j,bk...j->b...k", anchor_clustering, neighbours_clustering)
     similarity = layers.Identity(name="similarity")(similarity)
     return keras.Model(inputs=[anchor, neighbours], outputs=[similarity, anchor_clustering], name="clustering_learner")
-
-
-class NeighbourBatches(keras.utils.PyDataset):
-    """Batches of anchors and their neighbours (images, or cached features), gathered per batch so memory stays
-    flat in k and N.
-
-    With `sample_one_neighbour`, each anchor comes with one of its neighbours drawn at random (SCAN);
-    otherwise with all of them (the tutorial).
-    """
-
-    def __init__(self, rows, neighbour_indices, batch_size, seed, sample_one_neighbour=False, **kwargs):
-        super().__init__(**kwargs)
-        self.rows = rows
-        self.neighbour_indices = neighbour_indices
-        self.batch_size = batch_size
-        self.sample_one_neighbour = sample_one_neighbour
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(rows))
-
-    def __len__(self):
-        return -(-len(self.rows) // self.batch_size)
-
-    def __getitem__(self, index):
-        anchors = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        neighbours = self.neighbour_indices[anchors]  # [batch_size, k_neighbours]
-        if self.sample_one_neighbour:
-            neighbours = np.take_along_axis(
-                neighbours, self.rng.integers(neighbours.shape[1], size=(len(anchors), 1)), 1
-            )
-        # neighbours rows shape: [batch_size, k_neighbours or 1, height, width, 3] (or [..., feature_dim]).
-        inputs = {"anchors": self.rows[anchors], "neighbours": self.rows[neighbours]}
-        # The losses ignore their targets, as in the tutorial.
-        targets = np.ones(len(anchors), dtype="float32")
-        return inputs, (targets, targets)
-
-    def on_epoch_end(self):
-        self.order = self.rng.permutation(len(self.rows))
 
 
 def train_clustering_learner(
@@ -1347,9 +1513,11 @@ def train_clustering_learner(
     entropy_loss_weight,
     scan_loss,
     steps_per_execution,
+    checkpoint_seconds,
     backup_dir,
 ):
-    """Trains the clustering learner, resuming from `backup_dir`; returns the history of every epoch."""
+    """Trains the clustering learner on `batches` (RowBatches with neighbours), resuming from `backup_dir`; returns
+    the history of every epoch."""
     # Instantiate the model losses: the tutorial's, or SCAN's when `scan_loss`.
     losses = [
         ClustersConsistencyLoss(from_logits=not scan_loss),
@@ -1359,7 +1527,13 @@ def train_clustering_learner(
         optimizer=create_adamw(learning_rate, weight_decay), loss=losses, steps_per_execution=steps_per_execution
     )
     return fit_resumable(
-        clustering_learner, backup_dir, "clustering", "lower --clustering_learning_rate", x=batches, epochs=epochs
+        clustering_learner,
+        backup_dir,
+        "clustering",
+        "lower --clustering_learning_rate",
+        checkpoint_seconds,
+        x=batches,
+        epochs=epochs,
     )
 
 
@@ -1430,8 +1604,10 @@ def self_label_loss(weak_probabilities, strong_probabilities, threshold):
 
 
 class SelfLabelLearner(keras.Model):
-    def __init__(self, clustering_model, weak_augmentation, strong_augmentation, threshold, **kwargs):
+    def __init__(self, clustering_model, weak_augmentation, strong_augmentation, threshold, rows=None, **kwargs):
         super().__init__(**kwargs)
+        # With the rows on the device (a DeviceRows layer), the inputs are their indices.
+        self.rows = rows
         self.clustering_model = clustering_model
         self.weak_augmentation = weak_augmentation
         self.strong_augmentation = strong_augmentation
@@ -1440,6 +1616,7 @@ class SelfLabelLearner(keras.Model):
     def call(self, inputs, training=False):
         # Pseudo-labels come from a weak view (in the same mode, as in SCAN's code); the model learns on a strong view.
         # On cached features (no augmentations) both views are the features themselves.
+        inputs = inputs if self.rows is None else self.rows(inputs)
         weak, strong = inputs, inputs
         if self.weak_augmentation is not None:
             weak = self.weak_augmentation(inputs, training=training)
@@ -1451,17 +1628,18 @@ class SelfLabelLearner(keras.Model):
 
 
 def train_self_labeling(
-    learner, images, batch_size, epochs, learning_rate, weight_decay, steps_per_execution, backup_dir
+    learner, batches, epochs, learning_rate, weight_decay, steps_per_execution, checkpoint_seconds, backup_dir
 ):
-    """Trains the self-label learner, resuming from `backup_dir`; returns the history of every epoch."""
+    """Trains the self-label learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
+    every epoch."""
     learner.compile(optimizer=create_adamw(learning_rate, weight_decay), steps_per_execution=steps_per_execution)
     return fit_resumable(
         learner,
         backup_dir,
         "self-labeling",
         "lower --self_label_learning_rate",
-        x=images,
-        batch_size=batch_size,
+        checkpoint_seconds,
+        x=batches,
         epochs=epochs,
     )
 
@@ -1772,12 +1950,29 @@ class StageCache:
         return history
 
 
-@contextmanager
-def stage_timer(timings, stage):
-    """Records the seconds spent in the `with` block as `timings[stage]`."""
-    started = time.time()
-    yield
-    timings[stage] = round(time.time() - started, 2)
+class StageTimes:
+    """The seconds spent in each stage, and what the backend compiled there (a CompilationLog)."""
+
+    def __init__(self, compilation_log):
+        self.compilation_log = compilation_log
+        self.seconds = {}
+        self.compilations = {}
+
+    @contextmanager
+    def stage(self, name):
+        """Records the seconds spent in the `with` block and prints what was compiled in it."""
+        started, mark = time.time(), self.compilation_log.mark()
+        yield
+        self.seconds[name] = round(time.time() - started, 2)
+        compiled = self.compilation_log.since(mark)
+        if compiled["programs"]:
+            self.compilations[name] = compiled
+            steps = "".join(f", {count} {step}" for step, count in compiled["steps"].items())
+            print(
+                f"{name}: {compiled['programs']} XLA programs{steps} ready in {compiled['seconds']:.1f} s: "
+                f"{compiled['programs'] - compiled['from_cache']} compiled, {compiled['from_cache']} loaded from the "
+                "compilation cache"
+            )
 
 
 """
@@ -1809,9 +2004,9 @@ def main(argv=None):
     print(
         f"Keras {keras.__version__}, backend {describe_devices(gpus)}, {settings.mixed_precision}, recipe {settings.recipe}"
     )
-    timings = {}
+    stage_times = StageTimes(CompilationLog())
 
-    with stage_timer(timings, "data"):
+    with stage_times.stage("data"):
         subset_size = settings.max_images + settings.holdout_images if settings.max_images else 0
         dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
         eval_set = None
@@ -1831,17 +2026,25 @@ def main(argv=None):
     # Every check has passed: only now is anything written.
     cache = StageCache(os.path.join(settings.output_dir, "cache"), settings.resume)
     os.makedirs(cache.folder, exist_ok=True)
+    if settings.compilation_cache and enable_compilation_cache(os.path.join(cache.folder, "compiled")):
+        print(f"compilation cache: {os.path.join(cache.folder, 'compiled')}")
     output_path = lambda name: os.path.join(settings.output_dir, name)  # noqa: E731
 
-    with stage_timer(timings, "preprocessing"):
+    with stage_times.stage("preprocessing"):
         data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
         data_augmentation = create_data_augmentation(settings.augmentation, settings.seed)
         image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
         title = classes[y_data[image_idx]] if classes else ""
         plot_augmentations(x_data[image_idx], title, data_augmentation, output_path("augmentations.png"))
+        # The images every training stage learns on; None when each batch is copied from host memory.
+        image_rows = hold_on_device(x_data, settings.data_on_device)
+        print(
+            f"training images: {x_data.nbytes / 2**20:.0f} MiB, "
+            + ("held on the device, where each step gathers its batch" if image_rows else "copied batch by batch")
+        )
 
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
-    with stage_timer(timings, "representation_learning"):
+    with stage_times.stage("representation_learning"):
         encoder = create_encoder(settings.encoder, settings.representation_dim)
         # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
         view_preprocessing, view_augmentation = data_preprocessing, data_augmentation
@@ -1860,8 +2063,10 @@ def main(argv=None):
             l2_normalize=settings.l2_normalize,
             projection_head=settings.projection_head,
             contrastive_loss=settings.contrastive_loss,
+            rows=image_rows,
         )
-        representation_learner(x_data[:2].astype("float32"))  # Builds the projection head, so it can be restored.
+        # Builds the projection head, so it can be restored.
+        representation_learner(np.arange(2) if image_rows else x_data[:2].astype("float32"))
         # The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs.
         projected_encoder = keras.Sequential([encoder, representation_learner.projector], name="projected_encoder")
         representation_history = cache.trained_model(
@@ -1871,21 +2076,21 @@ def main(argv=None):
             projected_encoder,
             lambda backup_dir: train_representation_learner(
                 representation_learner,
-                x_data,
-                settings.batch_size,
+                RowBatches(len(x_data), settings.batch_size, settings.seed, rows=None if image_rows else x_data),
                 settings.representation_epochs,
                 settings.representation_learning_rate,
                 settings.learning_rate_decay_steps,
                 settings.learning_rate_decay_alpha,
                 settings.weight_decay,
                 settings.steps_per_execution,
+                settings.checkpoint_seconds,
                 backup_dir,
             ),
         )
         plot_loss_history({"contrastive loss": representation_history["loss"]}, output_path("representation_loss.png"))
 
     print("\n## Compute the nearest neighbours")
-    with stage_timer(timings, "neighbours"):
+    with stage_times.stage("neighbours"):
         feature_vectors = cache.array(
             "embeddings",
             fingerprints["embeddings"],
@@ -1912,7 +2117,7 @@ def main(argv=None):
         plot_neighbours(x_data, y_data, classes, neighbours, anchors, output_path("neighbours.png"))
 
     print(f"\n## Semantic clustering with nearest neighbours: {settings.clustering_epochs} epochs")
-    with stage_timer(timings, "clustering"):
+    with stage_times.stage("clustering"):
         # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
         for layer in encoder.layers:
             layer.trainable = settings.tune_encoder_during_clustering
@@ -1936,23 +2141,29 @@ def main(argv=None):
         # head alone on the cached features.
         if cached_features is not None:
             learning_inputs, learning_augmentation = cached_features, None
+            learning_rows = hold_on_device(cached_features, settings.data_on_device)
             training_model, self_labeling_model = training_heads, clustering_head
         else:
-            learning_inputs, learning_augmentation = x_data, data_augmentation
+            learning_inputs, learning_augmentation, learning_rows = x_data, data_augmentation, image_rows
             training_model, self_labeling_model = clustering_model, clustering_model
             if training_heads is not clustering_head:
                 training_model = create_clustering_model(
                     encoder, training_heads, settings.input_size, data_preprocessing
                 )
         clustering_learner = create_clustering_learner(
-            training_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:]
+            training_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:], learning_rows
         )
 
         def train_clustering(backup_dir):
             history = train_clustering_learner(
                 clustering_learner,
-                NeighbourBatches(
-                    learning_inputs, neighbours, settings.batch_size, settings.seed, settings.sample_one_neighbour
+                RowBatches(
+                    len(learning_inputs),
+                    settings.batch_size,
+                    settings.seed,
+                    rows=None if learning_rows else learning_inputs,
+                    neighbour_indices=neighbours,
+                    sample_one_neighbour=settings.sample_one_neighbour,
                 ),
                 settings.clustering_epochs,
                 settings.clustering_learning_rate,
@@ -1960,12 +2171,11 @@ def main(argv=None):
                 settings.entropy_loss_weight,
                 settings.clustering_loss == "scan",
                 settings.steps_per_execution,
+                settings.checkpoint_seconds,
                 backup_dir,
             )
             if settings.num_heads > 1:
-                probabilities = training_model.predict(
-                    learning_inputs, batch_size=settings.embedding_batch_size, verbose=0
-                )
+                probabilities = predict_in_full_batches(training_model, learning_inputs, settings.embedding_batch_size)
                 head_losses = scan_head_losses(probabilities, neighbours)
                 best = int(np.argmin(head_losses))
                 print(
@@ -1983,7 +2193,7 @@ def main(argv=None):
     self_label_history = {}
     if settings.self_label_epochs:
         print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
-        with stage_timer(timings, "self_labeling"):
+        with stage_times.stage("self_labeling"):
             augmentations = (None, None)  # Cached features: no augmentation can vary them.
             if cached_features is None:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
                 for layer in encoder.layers:
@@ -1998,19 +2208,21 @@ def main(argv=None):
                 "self-labeling",
                 clustering_model,
                 lambda backup_dir: run_self_labeling(
-                    self_labeling_model, learning_inputs, augmentations, settings, backup_dir
+                    self_labeling_model, learning_inputs, learning_rows, augmentations, settings, backup_dir
                 ),
             )
             if self_label_history:
                 plot_loss_history({"self-label loss": self_label_history["loss"]}, output_path("self_label_loss.png"))
 
     print("\n## Cluster analysis")
-    with stage_timer(timings, "cluster_analysis"):
+    with stage_times.stage("cluster_analysis"):
         clustering_probs = cache.array(
             "predictions",
             fingerprints["predictions"],
             "cluster assignment",
-            lambda: clustering_model.predict(x_data, batch_size=settings.embedding_batch_size, verbose=fit_verbosity()),
+            lambda: predict_in_full_batches(
+                clustering_model, x_data, settings.embedding_batch_size, verbose=fit_verbosity()
+            ),
         )
         metrics = report_clusters(
             clustering_probs, y_data, classes, settings.prototypes_per_cluster, x_data, output_path
@@ -2019,7 +2231,7 @@ def main(argv=None):
             "train": evaluate_split("train", "the images trained on", clustering_probs, y_data, classes, output_path)
         }
         if eval_set is not None:
-            eval_probs = clustering_model.predict(eval_set.images, batch_size=settings.embedding_batch_size, verbose=0)
+            eval_probs = predict_in_full_batches(clustering_model, eval_set.images, settings.embedding_batch_size)
             splits["eval"] = evaluate_split(
                 "eval", "held-out images", eval_probs, eval_set.labels, eval_set.class_names, output_path
             )
@@ -2035,21 +2247,26 @@ def main(argv=None):
             "clustering": clustering_history,
             "self_labeling": self_label_history,
         },
-        timings_seconds=timings,
+        timings_seconds=stage_times.seconds,
+        compilations=stage_times.compilations,
         settings=vars(settings),
     )
     save_json(metrics, output_path("metrics.json"))
-    print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in timings.items()))
+    print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in stage_times.seconds.items()))
+    if stage_times.compilations:
+        compile_seconds = sum(compiled["seconds"] for compiled in stage_times.compilations.values())
+        print(f"compilation: {compile_seconds:.1f}s of them in all")
     print(f"figures and metrics.json are in {settings.output_dir}")
     split = "eval" if "eval" in splits else "train"
     print(result_line(split, splits[split], settings.num_clusters))
     return metrics
 
 
-def run_self_labeling(clustering_model, inputs, augmentations, settings, backup_dir):
+def run_self_labeling(clustering_model, inputs, device_rows, augmentations, settings, backup_dir):
     """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
-    `augmentations` are the weak and the strong one (None for features). Returns the history."""
-    confidence = np.max(clustering_model.predict(inputs, batch_size=settings.embedding_batch_size, verbose=0), axis=-1)
+    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None
+    for features). Returns the history."""
+    confidence = np.max(predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size), axis=-1)
     confident = int(np.sum(confidence > settings.self_label_threshold))
     print(
         f"self-labeling: {confident} of {len(inputs)} images are more than {settings.self_label_threshold:.0%} confident"
@@ -2057,16 +2274,17 @@ def run_self_labeling(clustering_model, inputs, augmentations, settings, backup_
     if not confident:
         print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")
         return {}
-    learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold)
-    learner(inputs[:2].astype("float32"))  # Builds the learner, so that a checkpoint can be restored.
+    learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold, rows=device_rows)
+    # Builds the learner, so that a checkpoint can be restored.
+    learner(np.arange(2) if device_rows else inputs[:2].astype("float32"))
     return train_self_labeling(
         learner,
-        inputs,
-        settings.batch_size,
+        RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else inputs),
         settings.self_label_epochs,
         settings.self_label_learning_rate,
         settings.weight_decay,
         settings.steps_per_execution,
+        settings.checkpoint_seconds,
         backup_dir,
     )
 

@@ -1,24 +1,26 @@
 """
-# Benchmark: scan_cifar10.py against the tutorial's formulation, in one process
+# Benchmark: what each stage of scan_cifar10.py costs on this device, row by row
 
-Measures, on the current Keras backend and device, the throughput of:
-- a SimCLR training step, tutorial recipe (ResNet50V2, the tutorial's augmentation and loss) and scan recipe
-  (ResNet-18, SimCLR augmentation, NT-Xent);
-- a clustering training step (tutorial recipe: frozen encoder, all 5 neighbours of each anchor);
-- embedding (encoder inference);
-- neighbour mining of 60,000 x 512 features (top-5);
-each against the tutorial's formulation measured in the same run: its four Keras augmentation layers inside
-the step (which keeps the step out of XLA and, on JAX, out of `jax.jit`), float32, a batch of 500 for
-embedding and mining. "ours" is what scan_cifar10.py runs by default on this device: the fused augmentation,
-`jit_compile="auto"` (XLA on GPUs and on JAX), MIXED_PRECISION="auto" (bfloat16 on recent GPUs).
+For every training stage, the seconds it spends compiling its step and the seconds of one epoch over `--images`
+random images (60,000 by default, the tutorial's CIFAR-10), built and fed exactly as scan_cifar10.py does it
+(fused augmentation, full batches, images held on the device where the script holds them, MIXED_PRECISION="auto"):
+- SimCLR, tutorial recipe (ResNet50V2, the tutorial's augmentation and loss) and scan recipe (ResNet-18, SimCLR
+  augmentation, NT-Xent);
+- clustering, tutorial recipe (frozen ResNet50V2, all 5 neighbours of each anchor);
+- self-labeling, scan recipe (ResNet-18 fine-tuned on a weak and a strong view);
+- embedding every image (ResNet50V2) and mining its 5 nearest neighbours;
+- last, the tutorial's own formulation of its SimCLR step (four Keras augmentation layers, float32, no XLA: on
+  JAX every operation runs on its own), sized down to a few steps.
+
+Beside each epoch stands its floor: the encoder's forward FLOPs per image (XLA's cost analysis, JAX only) times
+the passes the stage makes (3 per trained image: forward and backward; 1 per image only run forward), over the
+device's peak bf16 rate. Each row is printed as soon as it is measured. Rows that would start after `--seconds`
+are skipped and named; compilation uses no persistent cache, so the compile column is what a first run pays.
 
 Run from the repository root:
 
-    python benchmarks/bench.py                       # TensorFlow
-    KERAS_BACKEND=jax python benchmarks/bench.py     # JAX
-    python benchmarks/bench.py --batch_size=512 --steps=20   # GPU-sized
-
-Numbers are images (or anchors) per second after warm-up steps; mining is seconds for all 60,000 rows.
+    KERAS_BACKEND=jax python benchmarks/bench.py                               # a GPU: every row, about 3 minutes
+    python benchmarks/bench.py --images=2048 --batch_size=64 --steps=3         # a CPU: 3 steps of each, scaled
 """
 
 import argparse
@@ -29,150 +31,189 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from keras import ops  # noqa: E402
 
 import scan_cifar10 as scan  # noqa: E402
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by the device name JAX reports.
+PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
 
 def parse_arguments():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=64, help="images per training step (default 64, CPU-sized)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps after 2 warm-up steps")
-    parser.add_argument("--mining_images", type=int, default=60000, help="rows of the mining benchmark")
+    parser.add_argument("--images", type=int, default=60000, help="images per epoch (default 60000)")
+    parser.add_argument("--batch_size", type=int, default=512, help="images per training step (default 512)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per row (default 0: one whole epoch)")
+    parser.add_argument("--seconds", type=float, default=170, help="no row starts after this many seconds")
+    parser.add_argument("--rows", default="all", help="comma-separated row keys (default all): " + ", ".join(ROWS))
     return parser.parse_args()
 
 
-def build_simclr_learner(encoder_name, augmentation, contrastive_loss, projection_head, images, precision, jit_compile):
-    """A compiled RepresentationLearner with the given components, under the given dtype policy."""
-    keras.mixed_precision.set_global_policy(precision)
+def forward_flops(encoder, size=32):
+    """The encoder's forward FLOPs for one image of `size`, by XLA's cost analysis (JAX), else None."""
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    def forward(trainable, non_trainable, images):
+        return encoder.stateless_call(trainable, non_trainable, images)[0]
+
+    values = lambda variables: [variable.value for variable in variables]  # noqa: E731
+    images = jax.ShapeDtypeStruct((1, size, size, 3), "float32")
+    lowered = jax.jit(forward).lower(
+        values(encoder.trainable_variables), values(encoder.non_trainable_variables), images
+    )
+    analysis = lowered.cost_analysis()
+    return (analysis if isinstance(analysis, dict) else analysis[0])["flops"]
+
+
+def peak_flops(gpus):
+    names = [name for name, _ in gpus]
+    return next((peak for key, peak in PEAK_FLOPS.items() if names and key in names[0]), None)
+
+
+class Bench:
+    """Shared state of one benchmark run: the images, the settings and the compilation log."""
+
+    def __init__(self, arguments):
+        self.arguments = arguments
+        self.images = np.random.default_rng(0).integers(0, 256, (arguments.images, 32, 32, 3), dtype=np.uint8)
+        self.gpus = scan.find_gpus()
+        self.precision = scan.resolve_mixed_precision("auto", self.gpus)
+        self.peak = peak_flops(self.gpus) if self.precision != "float32" else None
+        self.log = scan.CompilationLog()
+        self.rows = scan.hold_on_device(self.images, "auto")
+
+    def batches(self, **kwargs):
+        return scan.RowBatches(
+            len(self.images), self.arguments.batch_size, 0, rows=None if self.rows else self.images, **kwargs
+        )
+
+    def time_fit(self, model, batches, steps=None):
+        """(compile seconds, epoch seconds, timed steps): one step compiles, then `steps` timed steps (default
+        `--steps`, 0 for the whole epoch), scaled to the epoch."""
+        mark, started = self.log.mark(), time.perf_counter()
+        model.fit(batches, epochs=1, steps_per_epoch=1, verbose=0)
+        first_step = time.perf_counter() - started
+        steps = min(steps or self.arguments.steps or len(batches), len(batches))
+        started = time.perf_counter()
+        model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
+        step = (time.perf_counter() - started) / steps
+        compiled = self.log.since(mark)["seconds"] if keras.backend.backend() == "jax" else first_step - step
+        return compiled, step * len(batches), steps
+
+    def floor(self, flops_per_image, passes):
+        """Seconds of one epoch at the device's peak: `passes` encoder passes per image (3 = forward and backward)."""
+        if self.peak is None or flops_per_image is None:
+            return None
+        return flops_per_image * passes * len(self.images) / self.peak
+
+
+def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=False):
+    """The SimCLR stage as the script runs it; or, `tutorial_formulation`, as the tutorial wrote it (Keras layers,
+    float32, no XLA, batches from the host), for 3 steps at most."""
+    precision = "float32" if tutorial_formulation else None
+    keras.mixed_precision.set_global_policy(precision or bench.precision)
     encoder = scan.create_encoder(encoder_name, 512)
     learner = scan.RepresentationLearner(
         encoder,
         128,
         2,
-        scan.create_data_preprocessing(32, images),
+        scan.create_data_preprocessing(32, bench.images[:1000]),
         scan.create_data_augmentation(augmentation, seed=0),
         temperature=0.1,
-        projection_head=projection_head,
-        contrastive_loss=contrastive_loss,
+        projection_head=head,
+        contrastive_loss=loss,
+        rows=None if tutorial_formulation else bench.rows,
     )
-    learner.compile(optimizer=scan.create_adamw(1e-3, 1e-4), jit_compile=jit_compile)
-    return learner
+    learner.compile(optimizer=scan.create_adamw(1e-3, 1e-4), jit_compile=not tutorial_formulation and "auto")
+    if tutorial_formulation:
+        batches = scan.RowBatches(len(bench.images), bench.arguments.batch_size, 0, rows=bench.images)
+        timing = bench.time_fit(learner, batches, min(bench.arguments.steps or 3, 3))
+    else:
+        timing = bench.time_fit(learner, bench.batches())
+    # Two views of each image, each forward and backward.
+    return timing, bench.floor(forward_flops(encoder), 2 * 3)
 
 
-def build_clustering_learner(augmentation, images, precision, jit_compile):
-    """The tutorial's clustering learner: frozen ResNet50V2 encoder, all 5 neighbours per anchor."""
-    keras.mixed_precision.set_global_policy(precision)
+def clustering(bench):
+    keras.mixed_precision.set_global_policy(bench.precision)
     encoder = scan.create_encoder("resnet50v2", 512)
     encoder.trainable = False
     model = scan.create_clustering_model(
-        encoder, scan.create_clustering_head(20), 32, scan.create_data_preprocessing(32, images)
+        encoder, scan.create_clustering_head(20), 32, scan.create_data_preprocessing(32, bench.images[:1000])
     )
-    learner = scan.create_clustering_learner(model, scan.create_data_augmentation(augmentation, seed=0), 5, (32, 32, 3))
+    augmentation = scan.create_data_augmentation("tutorial", seed=0)
+    learner = scan.create_clustering_learner(model, augmentation, 5, (32, 32, 3), bench.rows)
     losses = [scan.ClustersConsistencyLoss(), scan.ClustersEntropyLoss(5.0)]
-    learner.compile(optimizer=scan.create_adamw(5e-4, 1e-4), loss=losses, jit_compile=jit_compile)
-    return learner
+    learner.compile(optimizer=scan.create_adamw(5e-4, 1e-4), loss=losses)
+    neighbours = np.random.default_rng(1).integers(0, len(bench.images), size=(len(bench.images), 5))
+    # Frozen encoder: one forward pass for each anchor and each of its 5 neighbours.
+    return bench.time_fit(learner, bench.batches(neighbour_indices=neighbours)), bench.floor(forward_flops(encoder), 6)
 
 
-def fit_throughput(model, data, items_per_step, steps, **fit_arguments):
-    """Items per second of `steps` training steps, after two warm-up steps that include compilation."""
-    model.fit(data, epochs=1, steps_per_epoch=2, verbose=0, **fit_arguments)
-    started = time.perf_counter()
-    model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0, **fit_arguments)
-    return items_per_step * steps / (time.perf_counter() - started)
+def self_labeling(bench):
+    keras.mixed_precision.set_global_policy(bench.precision)
+    encoder = scan.create_encoder("resnet18", 512)
+    model = scan.create_clustering_model(
+        encoder, scan.create_clustering_head(10), 32, scan.create_data_preprocessing(32, bench.images[:1000])
+    )
+    weak, strong = scan.ImageAugmentation("weak", seed=7), scan.create_data_augmentation("simclr", seed=11)
+    learner = scan.SelfLabelLearner(model, weak, strong, 0.99, rows=bench.rows)
+    learner.compile(optimizer=scan.create_adamw(1e-4, 1e-4))
+    # A forward pass of the weak view, forward and backward of the strong one.
+    return bench.time_fit(learner, bench.batches()), bench.floor(forward_flops(encoder), 1 + 3)
 
 
-def repeat_dataset(images, batch_size, steps):
-    """Enough copies of `images` for warm-up and timed steps with `fit(x=..., batch_size=...)`."""
-    return np.concatenate([images] * (-(-batch_size * (steps + 2) // len(images))))
+def embedding_and_mining(bench):
+    keras.mixed_precision.set_global_policy(bench.precision)
+    encoder = scan.create_encoder("resnet50v2", 512)
+    mark, started = bench.log.mark(), time.perf_counter()
+    features = scan.compute_embeddings(encoder, bench.images, 500)
+    scan.mine_neighbours(features, 5, 500)
+    seconds = time.perf_counter() - started
+    compiled = bench.log.since(mark)["seconds"] if keras.backend.backend() == "jax" else 0.0
+    return (compiled, seconds - compiled, None), bench.floor(forward_flops(encoder), 1)
 
 
-def embedding_throughput(encoder, images, batch_size):
-    encoder.predict(images[:batch_size], batch_size=batch_size, verbose=0)
-    started = time.perf_counter()
-    encoder.predict(images, batch_size=batch_size, verbose=0)
-    return len(images) / (time.perf_counter() - started)
-
-
-def tutorial_mining(feature_vectors, k_neighbours, batch_size):
-    """The tutorial's loop, in keras.ops: top k+1 per batch of 500, the first (assumed self) dropped."""
-    neighbours = []
-    for start in range(0, len(feature_vectors), batch_size):
-        similarities = ops.matmul(feature_vectors[start : start + batch_size], ops.transpose(feature_vectors))
-        _, indices = ops.top_k(similarities, k=k_neighbours + 1, sorted=True)
-        neighbours.append(ops.convert_to_numpy(indices)[:, 1:])
-    return np.concatenate(neighbours)
-
-
-def seconds(function):
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+ROWS = {
+    "simclr-tutorial": ("SimCLR, tutorial recipe (ResNet50V2)", lambda b: simclr(b, "resnet50v2", "tutorial", "tutorial", "tutorial")),
+    "clustering": ("clustering, tutorial recipe (frozen ResNet50V2, 5 neighbours)", clustering),
+    "embedding-mining": ("embedding (ResNet50V2) + mining top-5", embedding_and_mining),
+    "simclr-scan": ("SimCLR, scan recipe (ResNet-18)", lambda b: simclr(b, "resnet18", "simclr", "ntxent", "mlp")),
+    "self-labeling": ("self-labeling, scan recipe (ResNet-18)", self_labeling),
+    "tutorial-formulation": (
+        "SimCLR, the tutorial's formulation (Keras augmentation layers, float32, no XLA)",
+        lambda b: simclr(b, "resnet50v2", "tutorial-layers", "tutorial", "tutorial", tutorial_formulation=True),
+    ),
+}  # fmt: skip
 
 
 def main():
     arguments = parse_arguments()
-    gpus = scan.find_gpus()
-    precision = scan.resolve_mixed_precision("auto", gpus)
-    print(f"Keras {keras.__version__}, backend {scan.describe_devices(gpus)}; ours uses {precision}")
-    images = np.random.default_rng(0).integers(0, 256, size=(1024, 32, 32, 3), dtype=np.uint8)
-    batch, steps = arguments.batch_size, arguments.steps
-    simclr_data = repeat_dataset(images, batch, steps)
-    rows = []
-
-    for recipe, encoder_name, augmentation, loss, head in [
-        ("tutorial", "resnet50v2", "tutorial", "tutorial", "tutorial"),
-        ("scan", "resnet18", "simclr", "ntxent", "mlp"),
-    ]:
-        ours = build_simclr_learner(encoder_name, augmentation, loss, head, images, precision, "auto")
-        theirs = build_simclr_learner(encoder_name, "tutorial-layers", loss, head, images, "float32", False)
-        rows.append(
-            (
-                f"SimCLR step, {recipe} recipe (images/s)",
-                fit_throughput(ours, simclr_data, batch, steps, batch_size=batch),
-                fit_throughput(theirs, simclr_data, batch, steps, batch_size=batch),
-                f"jit_compile={ours.jit_compile} vs {theirs.jit_compile}",
-            )
-        )
-
-    neighbour_indices = np.random.default_rng(1).integers(0, len(images), size=(len(images), 5))
-    batches = scan.NeighbourBatches(images, neighbour_indices, batch, seed=0)
-    ours = build_clustering_learner("tutorial", images, precision, "auto")
-    theirs = build_clustering_learner("tutorial-layers", images, "float32", False)
-    rows.append(
-        (
-            "clustering step, tutorial recipe (anchors/s)",
-            fit_throughput(ours, batches, batch, steps),
-            fit_throughput(theirs, batches, batch, steps),
-            f"jit_compile={ours.jit_compile} vs {theirs.jit_compile}",
-        )
+    if arguments.rows != "all" and not set(arguments.rows.split(",")) <= set(ROWS):
+        sys.exit(f"error: --rows={arguments.rows}: choose among {', '.join(ROWS)}")
+    started = time.perf_counter()
+    bench = Bench(arguments)
+    print(
+        f"Keras {keras.__version__}, backend {scan.describe_devices(bench.gpus)}, {bench.precision}; "
+        f"{arguments.images} images, batch {arguments.batch_size}, images held "
+        + ("on the device" if bench.rows else "on the host")
+        + (f"; peak {bench.peak / 1e12:.0f} TFLOP/s bf16" if bench.peak else "; no peak known, so no floor")
     )
-
-    keras.mixed_precision.set_global_policy(precision)
-    ours_encoder = scan.create_encoder("resnet50v2", 512)
-    keras.mixed_precision.set_global_policy("float32")
-    tutorial_encoder = scan.create_encoder("resnet50v2", 512)
-    rows.append(
-        (
-            "embedding, ResNet50V2 (images/s)",
-            embedding_throughput(ours_encoder, images, 1024),
-            embedding_throughput(tutorial_encoder, images, 500),
-            "batch 1024 vs 500",
-        )
+    print(
+        "\n| stage | compile s | epoch s | floor s | floor / epoch | timed steps |\n| --- | ---: | ---: | ---: | ---: | ---: |"
     )
-
-    features = np.random.default_rng(2).normal(size=(arguments.mining_images, 512)).astype("float32")
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    ours_seconds = seconds(lambda: scan.mine_neighbours(features, 5, 500))
-    tutorial_seconds = seconds(lambda: tutorial_mining(ops.convert_to_tensor(features), 5, 500))
-    rows.append(
-        (f"mining {arguments.mining_images} x 512, top-5 (s)", ours_seconds, tutorial_seconds, "lower is better")
-    )
-
-    print("\n| what | ours | tutorial formulation | ratio | note |\n| --- | ---: | ---: | ---: | --- |")
-    for what, ours_value, tutorial_value, note in rows:
-        ratio = tutorial_value / ours_value if what.endswith("(s)") else ours_value / tutorial_value
-        print(f"| {what} | {ours_value:.1f} | {tutorial_value:.1f} | {ratio:.2f}x | {note} |")
+    keys = list(ROWS) if arguments.rows == "all" else arguments.rows.split(",")
+    for key in keys:
+        title, measure = ROWS[key]
+        if time.perf_counter() - started > arguments.seconds:
+            print(f"| {title} | skipped: past --seconds={arguments.seconds:.0f} | | | | |", flush=True)
+            continue
+        (compiled, epoch, steps), floor = measure(bench)
+        floor_cells = f"{floor:.2f} | {floor / epoch:.0%}" if floor else "n/a | n/a"
+        steps_cell = "one pass" if steps is None else f"{steps} of {len(bench.batches())}"
+        print(f"| {title} | {compiled:.1f} | {epoch:.2f} | {floor_cells} | {steps_cell} |", flush=True)
+    print(f"\nbenchmark: {time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":

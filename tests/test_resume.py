@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -72,39 +73,60 @@ def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_
     assert all(cache_files(tmp_path / "out")[name] > modified for name, modified in after_first.items())
 
 
-def test_sigkill_during_training_resumes_from_the_last_epoch(tmp_path):
+def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=60", *TINY[3:]]
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=200", *TINY[3:],
+            "--checkpoint_seconds=3"]  # fmt: skip
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    lines = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    completed = lambda: sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in lines)  # noqa: E731
     deadline = time.time() + 300
-    killed_after = None
+    saved = None
     while time.time() < deadline and process.poll() is None:
         states = [os.path.join(root, "state.json") for root, _, files in os.walk(output_dir) if "state.json" in files]
         if states:
             try:
-                killed_after = json.loads(open(states[0]).read())["epoch"]
+                saved = json.loads(open(states[0]).read())["epoch"]
             except (OSError, ValueError):  # seen mid-rename
                 continue
-            if killed_after >= 2:
+            # Two epochs past the checkpoint, well before the next one is due: kill.
+            if completed() >= saved + 2:
                 process.send_signal(signal.SIGKILL)
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "training ended before it could be killed"
     assert not os.path.exists(output_dir / "metrics.json")
+    trained = completed()
+    assert saved < trained  # killed between two checkpoints: epochs after the last one were lost
 
     resumed = run_script(args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    match = re.search(r"representation learning: resuming after epoch (\d+) of 60", resumed.stdout)
-    assert match and int(match.group(1)) >= killed_after
-    assert f"Epoch {int(match.group(1)) + 1}/60" in resumed.stdout and "Epoch 1/60" not in resumed.stdout
+    match = re.search(r"representation learning: resuming after epoch (\d+) of 200", resumed.stdout)
+    assert match and saved <= int(match.group(1)) < trained
+    assert f"Epoch {int(match.group(1)) + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
     metrics = json.loads((output_dir / "metrics.json").read_text())
     losses = metrics["losses"]["representation"]
-    assert len(losses) == 60 and np.all(np.isfinite(losses))  # the history covers every epoch
+    assert len(losses) == 200 and np.all(np.isfinite(losses))  # the history covers every epoch
     assert not [name for name in os.listdir(output_dir / "cache") if name.endswith(".backup")]
+
+
+def test_checkpoints_are_saved_by_time_not_every_epoch(tmp_path, monkeypatch):
+    clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 125.0])  # the start, then the end of each epoch
+    monkeypatch.setattr(scan.time, "monotonic", lambda: next(clock))
+    history = {}
+    checkpoint = scan.EpochCheckpoint(str(tmp_path / "backup"), history, every_seconds=60)
+    saved = []
+    monkeypatch.setattr(scan, "save_weights", lambda model, path: saved.append(os.path.basename(path)))
+    for epoch in range(5):
+        checkpoint.on_epoch_end(epoch, {"loss": float(epoch)})
+    assert saved == ["epoch-0003.weights.h5", "epoch-0005.weights.h5"]  # at 61 s and at 125 s (64 s after 61 s)
+    assert history == {"loss": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    assert json.loads((tmp_path / "backup" / "state.json").read_text())["epoch"] == 5
 
 
 def truncate(path):
