@@ -278,11 +278,11 @@ def validate_settings(settings, choices):
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
-    for name in [
-        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "checkpoint_seconds"
-    ]:  # fmt: skip
+    for name in ["max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size"]:
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
+    if settings.checkpoint_seconds < 0:
+        raise UsageError(f"--checkpoint_seconds={settings.checkpoint_seconds}: must be 0 (save every epoch) or more")
     for name in ["temperature", "representation_learning_rate", "clustering_learning_rate", "self_label_learning_rate"]:
         if not getattr(settings, name) > 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be greater than 0")

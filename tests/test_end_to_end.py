@@ -27,6 +27,16 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     if backend == "jax":  # every training step is jitted (Keras keeps XLA off on TensorFlow CPUs)
         assert "representation learning: training step XLA-compiled (jit_compile=True)" in out
         assert "clustering: training step XLA-compiled (jit_compile=True)" in out
+        # Anchors and all their neighbours are gathered from the images on the device; each step compiles once.
+        assert "training images: 0 MiB, held on the device, where each step gathers its batch" in out
+        steps = {
+            stage: compiled["steps"]
+            for stage, compiled in json.loads((output_dir / "metrics.json").read_text())["compilations"].items()
+        }
+        assert steps["representation_learning"] == steps["clustering"] == {"train_step": 1}
+        assert steps["neighbours"] == steps["cluster_analysis"] == {"predict_step": 1}
+    else:
+        assert "training images: 0 MiB, copied batch by batch" in out
     assert "x_data shape: (24, 32, 32, 3) - y_data shape: (24,)" in out
     sizes = [
         int(size) for size in re.findall(r"^cluster (\d+) : (\d+)$", out, flags=re.MULTILINE) for size in [size[1]]
@@ -67,8 +77,10 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     )
 
 
-@pytest.mark.parametrize("recipe", ["scan", "quick"])
-def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe):
+# On JAX the quick recipe's run also shows that each training step and each model's prediction compiles once, and
+# that a second run loads every program from the compilation cache.
+@pytest.mark.parametrize("recipe, backend", [("scan", "tensorflow"), ("quick", "tensorflow"), ("quick", "jax")])
+def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
     tiny = ["--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--self_label_epochs=1",
@@ -81,7 +93,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe):
         f"--output_dir={output_dir}",
         *tiny,
     ]
-    result = run_script(args, cwd=tmp_path)
+    result = run_script(args, cwd=tmp_path, backend=backend)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"recipe {recipe}" in out
@@ -107,3 +119,28 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe):
     assert 0 <= metrics["neighbour_purity"] <= 1
     for name in ["confusion_matrix_train.png", "confusion_matrix_eval.png", "prototypes.png"]:
         assert (output_dir / name).stat().st_size > 1000
+    if backend == "tensorflow":
+        return
+    # The training rows (images, then cached features) stay on the device; every step has one shape.
+    assert "training images: 0 MiB, held on the device, where each step gathers its batch" in out
+    assert re.search(r"^representation learning: 3 steps of 8 per epoch$", out, flags=re.MULTILINE)
+    self_labeled = "self-labeling: training step XLA-compiled" in out
+    steps = {stage: compiled["steps"] for stage, compiled in metrics["compilations"].items()}
+    assert steps["representation_learning"] == {"train_step": 1}
+    # Two models predict once each: the encoder, for the features to cache, and the heads, to rank them.
+    assert steps["clustering"] == {"train_step": 1, "predict_step": 2}
+    assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 1} if self_labeled else {"predict_step": 1})
+    # The train split (24 images) and the eval split (6) share the clustering model's one prediction step.
+    assert steps["cluster_analysis"] == {"predict_step": 1}
+    assert all(compiled["from_cache"] == 0 for compiled in metrics["compilations"].values())
+
+    again = run_script([*args, "--resume=false"], cwd=tmp_path, backend=backend)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done before" not in again.stdout  # every stage trained again, yet nothing compiled again
+    compilations = json.loads((output_dir / "metrics.json").read_text())["compilations"]
+    assert compilations.keys() == metrics["compilations"].keys()
+    for stage, compiled in compilations.items():
+        assert compiled["programs"] == compiled["from_cache"] == metrics["compilations"][stage]["programs"], stage
+    line = r"^clustering: (\d+) XLA programs, 1 train_step, 2 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
+    match = re.search(line, again.stdout, flags=re.MULTILINE)
+    assert match and match.group(1) == match.group(2)

@@ -106,6 +106,8 @@ def script_settings(argv):
         ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, quick"),
         ("--self_label_threshold=1", "--self_label_threshold=1.0: must be between 0 and 1"),
         ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
+        ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
+        ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
