@@ -40,6 +40,7 @@ import pickle
 import re
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from contextlib import contextmanager
@@ -478,13 +479,18 @@ def load_cifar10_download(split):
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # noqa: BLE001  (any download or cache failure gets the same advice)
         raise UsageError(
-            f"could not download CIFAR-10 ({str(error).splitlines()[0][:120]}); without internet, point DATA at "
+            f"could not download CIFAR-10 ({shorten(str(error).splitlines()[0])}); without internet, point DATA at "
             "local files: --data=path/to/cifar-10-batches-py or --data=path/to/image-folder"
         ) from None
     images = {"train": [x_train], "test": [x_test], "train+test": [x_train, x_test]}[split]
     labels = {"train": [y_train], "test": [y_test], "train+test": [y_train, y_test]}[split]
     labels = np.concatenate(labels).reshape(-1)  # [n, 1] -> [n]
     return Dataset(np.concatenate(images), labels, list(CIFAR10_CLASSES), f"cifar10 {split} (keras.datasets)")
+
+
+def shorten(cause, width=120):
+    """A long cause cut at a word boundary (never mid-word), for a one-line error message."""
+    return textwrap.shorten(cause, width, placeholder=" ...")
 
 
 def is_cifar10_batches_folder(path):
@@ -1473,6 +1479,8 @@ clustering model, and produces two outputs:
 1. `similarity`: the similarity between the cluster assignments of the anchor and of its neighbours,
    fed to `ClustersConsistencyLoss`;
 2. `anchor_clustering`: the cluster assignment of the anchors, fed to `ClustersEntropyLoss`.
+The outputs are named after their losses, so the progress lines, `metrics.json` and `clustering_loss.png` read
+`consistency_loss`, `entropy_loss` and `loss` (their sum).
 """
 
 
@@ -1502,7 +1510,8 @@ def create_clustering_learner(clustering_model, data_augmentation, k_neighbours,
     neighbours_clustering = ops.reshape(neighbours_clustering, (-1, k_neighbours, *neighbours_clustering.shape[1:]))
     # similarity shape: [batch_size, (num_heads,) k_neighbours]; each head's anchor and neighbour assignments dotted.
     similarity = ops.einsum("b...j,bk...j->b...k", anchor_clustering, neighbours_clustering)
-    similarity = layers.Identity(name="similarity")(similarity)
+    similarity = layers.Identity(name="consistency")(similarity)
+    anchor_clustering = layers.Identity(name="entropy")(anchor_clustering)
     return keras.Model(inputs=[anchor, neighbours], outputs=[similarity, anchor_clustering], name="clustering_learner")
 
 

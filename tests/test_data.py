@@ -1,6 +1,7 @@
 """Each data source on tiny generated files."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,21 @@ def test_failed_download_says_how_to_use_local_files(monkeypatch):
         scan.UsageError, match=r"could not download CIFAR-10 \(URL fetch failure.*--data=path/to/cifar-10-batches-py"
     ):
         scan.load_dataset("cifar10", input_size=32, max_images=0, seed=0)
+
+
+def test_a_long_cause_is_shortened_at_a_word_boundary(monkeypatch):
+    words = "URL fetch failure on https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: None -- [Errno -2] Name or service not known".split()
+
+    def offline():
+        raise Exception(" ".join(words))
+
+    monkeypatch.setattr(scan.keras.datasets.cifar10, "load_data", offline)
+    with pytest.raises(scan.UsageError) as raised:
+        scan.load_dataset("cifar10", input_size=32, max_images=0, seed=0)
+    cause = re.search(r"could not download CIFAR-10 \((.*?)\); without internet", str(raised.value)).group(1)
+    assert cause.endswith(" ...") and len(cause) <= 120
+    kept = cause.removesuffix(" ...").split(" ")
+    assert kept == words[: len(kept)]  # whole words only, in order
 
 
 def test_cifar10_batches_folder(tmp_path):

@@ -67,6 +67,9 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     }
     assert metrics["settings"]["num_clusters"] == 3 and metrics["images"] == 24
     assert len(metrics["losses"]["representation"]) == 1
+    # The clustering stage's terms are named after their losses, in the progress line and in metrics.json.
+    assert re.search(r"^\d+/\d+ - .* - consistency_loss: [\d.]+ - entropy_loss: -?[\d.e-]+ - loss: [\d.]+$", out, re.M)
+    assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"}
     assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp")]  # no temporary files left
     with Image.open(output_dir / "confusion_matrix_train.png") as figure:
         assert figure.format == "PNG"
@@ -117,6 +120,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1
+    assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"}  # 10 heads too
     for name in ["confusion_matrix_train.png", "confusion_matrix_eval.png", "prototypes.png"]:
         assert (output_dir / name).stat().st_size > 1000
     if backend == "tensorflow":
