@@ -34,6 +34,7 @@ import argparse
 import concurrent.futures
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -195,6 +196,12 @@ STAGE_SETTINGS = {
     "self_labeling": ["self_label_epochs", "self_label_threshold", "self_label_learning_rate"],
     "predictions": [],
 }  # fmt: skip
+# Upper bounds of the settings whose larger values would exhaust memory rather than do more work.
+SETTING_LIMITS = {
+    "input_size": 1024, "target_size": 1024, "view_size": 1024, "num_augmentations": 64, "num_heads": 1000,
+    "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prototypes_per_cluster": 100,
+    "batch_size": 65536, "embedding_batch_size": 10000,
+}  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
@@ -273,6 +280,16 @@ def validate_settings(settings, choices):
     for name, allowed in choices.items():
         if getattr(settings, name) not in allowed:
             raise UsageError(f"--{name}={getattr(settings, name)}: choose one of {', '.join(allowed)}")
+    for name, value in vars(settings).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name}={value}: must be a finite number")
+    for name, limit in SETTING_LIMITS.items():
+        if getattr(settings, name) > limit:
+            raise UsageError(f"--{name}={getattr(settings, name)}: must be at most {limit}")
+    if not 0 <= settings.seed < 2**31:
+        raise UsageError(f"--seed={settings.seed}: must be between 0 and {2**31 - 1}")
+    if not settings.output_dir:
+        raise UsageError("--output_dir is empty: name the folder for figures, metrics.json and the cache")
     positive = [
         "batch_size", "embedding_batch_size", "representation_epochs", "clustering_epochs", "input_size",
         "representation_dim", "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster",
@@ -305,6 +322,8 @@ def validate_settings(settings, choices):
         raise UsageError(f"--self_label_threshold={settings.self_label_threshold}: must be between 0 and 1")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
+    if settings.entropy_loss_weight < 0:
+        raise UsageError(f"--entropy_loss_weight={settings.entropy_loss_weight}: must be 0 or more")
     if settings.cluster_on_features and settings.tune_encoder_during_clustering:
         raise UsageError(
             "--cluster_on_features=true learns on features of a frozen encoder; set --tune_encoder_during_clustering=false"
@@ -2026,6 +2045,8 @@ def main(argv=None):
         elif settings.eval_data:
             eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
         validate_against_data(settings, len(dataset.images))
+        # A batch of predictions larger than the data would only be padding.
+        settings.embedding_batch_size = min(settings.embedding_batch_size, len(dataset.images))
         x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
         print(f"data: {dataset.source}")
         print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
