@@ -247,8 +247,13 @@ class _RaisingArgumentParser(argparse.ArgumentParser):
         raise UsageError(message + " (see --help for every setting)")
 
 
-def parse_settings(argv, defaults, comments, recipes):
-    """Returns a namespace of lower-case settings: `defaults`, then the chosen recipe's, then `--name=value`."""
+def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data_holdout=10000):
+    """Returns a namespace of lower-case settings: `defaults`, then the chosen recipe's, then `--name=value`.
+
+    A recipe's CIFAR-10 evaluation images (an EVAL_DATA among `cifar10_names`) apply to CIFAR-10 only: with DATA
+    the user's own images, and no --eval_data given, the recipe holds `own_data_holdout` of them out instead
+    (unless --holdout_images is given).
+    """
     parser = _RaisingArgumentParser(
         prog="scan_cifar10.py",
         description="SCAN image clustering. Each setting is a constant at the top of scan_cifar10.py; a recipe "
@@ -272,6 +277,10 @@ def parse_settings(argv, defaults, comments, recipes):
         raise UsageError(f"--recipe={recipe}: choose one of {', '.join(recipes)}")
     settings.update(recipes[recipe])
     settings.update(given)
+    own_data = settings["data"] not in cifar10_names
+    if own_data and "eval_data" not in given and settings.get("eval_data") in cifar10_names:
+        settings["eval_data"] = ""
+        settings["holdout_images"] = given.get("holdout_images", own_data_holdout)
     return argparse.Namespace(**settings)
 
 
@@ -649,7 +658,8 @@ def split_holdout(dataset, holdout_images, seed):
     """Splits a seeded random `holdout_images` images off `dataset`: returns (training set, held-out set)."""
     if holdout_images >= len(dataset.images):
         raise UsageError(
-            f"--holdout_images={holdout_images} leaves none of the {len(dataset.images)} images to train on; lower it"
+            f"--holdout_images={holdout_images} leaves none of the {len(dataset.images)} images to train on; "
+            "lower --holdout_images (a recipe holds 10000 of your own images out)"
         )
     held_out = np.zeros(len(dataset.images), dtype=bool)
     held_out[np.random.default_rng(seed + 1).choice(len(dataset.images), holdout_images, replace=False)] = True
@@ -2024,7 +2034,8 @@ def main(argv=None):
     """Runs every stage in the tutorial's order; returns the metrics that metrics.json records."""
     with open(__file__) as file:
         comments = read_settings_block(file.read())
-    settings = parse_settings(argv, {name: globals()[name] for name in comments}, comments, RECIPES)
+    defaults = {name: globals()[name] for name in comments}
+    settings = parse_settings(argv, defaults, comments, RECIPES, tuple(CIFAR10_SPLITS))
     validate_settings(settings, CHOICES)
     check_output_dir(settings.output_dir)
     gpus = find_gpus()
@@ -2054,6 +2065,8 @@ def main(argv=None):
             print(f"{len(classes)} classes: {', '.join(classes)}")
         if eval_set is not None:
             print(f"evaluation data: {eval_set.source} (never trained on)")
+        else:
+            print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
         fingerprints = stage_fingerprints(data_fingerprint(dataset), vars(settings), STAGE_SETTINGS)
     # Every check has passed: only now is anything written.
     cache = StageCache(os.path.join(settings.output_dir, "cache"), settings.resume)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 import scan_cifar10 as scan
-from conftest import SCRIPT, run_script
+from conftest import SCRIPT, make_image_folder, run_script
 
 DEFAULTS = {"NUM_CLUSTERS": 20, "TEMPERATURE": 0.1, "L2_NORMALIZE": False, "DATA": "cifar10"}
 COMMENTS = {"NUM_CLUSTERS": "number of clusters", "TEMPERATURE": "softmax temperature"}
@@ -179,3 +179,39 @@ def test_help_lists_every_setting_with_default_and_comment(tmp_path):
         assert f"--{name.lower()} " in help_text, name
         assert " ".join(comment.split())[:30] in help_text, name
     assert "(default: 20)" in help_text and "(default: cifar10)" in help_text
+
+
+def test_a_recipes_cifar10_evaluation_applies_to_cifar10_only():
+    with open(SCRIPT) as file:
+        comments = scan.read_settings_block(file.read())
+    defaults = {name: getattr(scan, name) for name in comments}
+    own = lambda argv: scan.parse_settings(argv, defaults, comments, scan.RECIPES, tuple(scan.CIFAR10_SPLITS))  # noqa: E731
+    assert (own(["--recipe=scan"]).eval_data, own(["--recipe=scan"]).holdout_images) == ("cifar10-test", 0)
+    folder = own(["--recipe=scan", "--data=path/to/images"])
+    assert (folder.eval_data, folder.holdout_images) == ("", 10000)  # held-out images of the user's own data
+    assert own(["--recipe=scan", "--data=path/to/images", "--holdout_images=50"]).holdout_images == 50
+    given = own(["--recipe=scan", "--data=path/to/images", "--eval_data=path/to/other"])
+    assert (given.eval_data, given.holdout_images) == ("path/to/other", 0)
+    assert own(["--recipe=quick", "--data=path/to/images"]).holdout_images == 10000
+    assert own(["--data=path/to/images"]).eval_data == "" and own(["--data=path/to/images"]).holdout_images == 0
+
+
+def test_a_recipe_on_a_folder_never_reaches_for_cifar10(tmp_path, monkeypatch, capsys):
+    folder = make_image_folder(tmp_path / "images", per_class=10)
+
+    class Started(Exception):
+        pass
+
+    def download(split):
+        raise AssertionError(f"reached for CIFAR-10 ({split})")
+
+    def started(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(scan, "load_cifar10_download", download)
+    monkeypatch.setattr(scan, "create_data_preprocessing", started)
+    with pytest.raises(Started):
+        scan.main(["--recipe=scan", f"--data={folder}", "--holdout_images=6", f"--output_dir={tmp_path / 'out'}",
+                   "--k_neighbours=2", "--num_clusters=3"])  # fmt: skip
+    scan.keras.mixed_precision.set_global_policy("float32")
+    assert f"evaluation data: image folder {folder}, 6 held-out images (never trained on)" in capsys.readouterr().out
