@@ -33,6 +33,7 @@ Measured (README.md has the full reports):
 import argparse
 import concurrent.futures
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -41,9 +42,12 @@ import pickle
 import re
 import shutil
 import sys
+import tarfile
 import textwrap
 import time
 import warnings
+import zipfile
+import zlib
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -76,7 +80,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper) or "quick" (2-core CPU): see RECIPES
 
 # Data
-DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py or image folder
+DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py folder, images (folder or archive)
 EVAL_DATA = ""  # a second source, same forms as DATA, to evaluate the trained model on ("" = none)
 HOLDOUT_IMAGES = 0  # hold this many DATA images out of training and evaluate on them (0 = none)
 MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many to train on
@@ -204,6 +208,7 @@ SETTING_LIMITS = {
 }  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
 SUPPORTED_BACKENDS = ("tensorflow", "jax")
 
 
@@ -553,21 +558,65 @@ def load_cifar10_batches(folder):
 
 
 def find_image_files(folder):
-    """Lists the image files under `folder` and their label folder (relative parent path, '' for none)."""
+    """Lists the image files under `folder`: (path relative to it, label folder ('' for none)), in sorted order."""
     found = []
     for root, directories, files in os.walk(folder):
         directories.sort()
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                path = os.path.join(root, name)
-                found.append((path, os.path.relpath(root, folder).replace(os.sep, "/").removeprefix(".")))
+                relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                found.append((relative, relative.rpartition("/")[0]))
     return found
 
 
-def decode_image(path, size):
-    """Reads one image file as uint8 RGB [size, size, 3], or returns None if it cannot be read."""
+def find_archive_images(path):
+    """Lists the image members of a .zip or .tar(.gz) archive as `find_image_files` lists a folder's files: (member
+    name, label folder), relative to the single top folder that holds every image (an archive of a folder), else
+    to the archive's root. Returns ([(relative name, label)], that top folder's prefix)."""
     try:
-        with Image.open(path) as image:
+        if path.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        else:
+            with tarfile.open(path) as archive:
+                names = [member.name for member in archive.getmembers() if member.isfile()]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        raise archive_error(path, error) from None
+    is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")  # noqa: E731
+    names = sorted(name.removeprefix("./") for name in names if is_image(name.rpartition("/")[2]))
+    tops = {name.partition("/")[0] for name in names}
+    prefix = f"{tops.pop()}/" if len(tops) == 1 and all("/" in name for name in names) else ""
+    return [(name.removeprefix(prefix), name.removeprefix(prefix).rpartition("/")[0]) for name in names], prefix
+
+
+def read_archive_members(path, names):
+    """The bytes of the members `names` of the archive at `path`, in that order (a tar is read once, in its order)."""
+    try:
+        if path.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                return [archive.read(name) for name in names]
+        wanted, contents = set(names), {}
+        with tarfile.open(path) as archive:
+            for member in archive:
+                name = member.name.removeprefix("./")
+                if name in wanted:
+                    contents[name] = archive.extractfile(member).read()
+        return [contents[name] for name in names]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, KeyError) as error:
+        raise archive_error(path, error) from None
+
+
+def archive_error(path, error):
+    return UsageError(
+        f"{path}: the archive is corrupt or truncated ({type(error).__name__}: {shorten(str(error), 80)}); "
+        "download or pack it again"
+    )
+
+
+def decode_image(source, size):
+    """Reads one image (a file path, or a file's bytes) as uint8 RGB [size, size, 3], or returns None if it cannot."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BICUBIC)
@@ -576,50 +625,56 @@ def decode_image(path, size):
         return None
 
 
-def decode_images(paths, size):
-    """Decodes the files in parallel processes (threads would serialise on the GIL for such small images)."""
-    if len(paths) < 2000 or "fork" not in multiprocessing.get_all_start_methods():
-        return [decode_image(path, size) for path in paths]
+def decode_images(sources, size):
+    """Decodes the images in parallel processes (threads would serialise on the GIL for such small images)."""
+    if len(sources) < 2000 or "fork" not in multiprocessing.get_all_start_methods():
+        return [decode_image(source, size) for source in sources]
     context = multiprocessing.get_context("fork")
     with warnings.catch_warnings():  # JAX warns about any fork; the workers run Pillow only, never the backend.
         warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
         with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
-            return list(pool.map(decode_image, paths, [size] * len(paths), chunksize=500))
+            return list(pool.map(decode_image, sources, [size] * len(sources), chunksize=500))
 
 
-def load_image_folder(folder, input_size, max_images, seed):
-    """Loads a folder of images; class sub-folders (all at the same depth) give the labels."""
-    found = find_image_files(folder)
+def load_image_folder(data, input_size, max_images, seed):
+    """Loads a folder, or a .zip/.tar/.tar.gz archive of one, read in place; class sub-folders (all at the same
+    depth) give the labels."""
+    if os.path.isdir(data):
+        found, kind = find_image_files(data), "image folder"
+        read = lambda names: [os.path.join(data, name) for name in names]  # noqa: E731
+    else:
+        (found, prefix), kind = find_archive_images(data), "image archive"
+        read = lambda names: read_archive_members(data, [prefix + name for name in names])  # noqa: E731
     if not found:
         raise UsageError(
-            f"--data={folder}: no {'/'.join(IMAGE_EXTENSIONS)} files found; point --data at a folder of images"
+            f"--data={data}: no {'/'.join(IMAGE_EXTENSIONS)} files found; point --data at a folder of images"
         )
     depths = {label.count("/") + 1 if label else 0 for _, label in found}
     if len(depths) > 1:
-        examples = {label.count("/") + 1 if label else 0: path for path, label in found}
+        examples = {label.count("/") + 1 if label else 0: name for name, label in found}
         raise UsageError(
-            f"--data={folder}: images sit at different folder depths ({', '.join(examples[d] for d in sorted(examples))}); "
+            f"--data={data}: images sit at different folder depths ({', '.join(examples[d] for d in sorted(examples))}); "
             "put every image one class folder deep (or all directly in the folder for unlabelled data)"
         )
     if max_images and max_images < len(found):
         chosen = np.sort(np.random.default_rng(seed).choice(len(found), max_images, replace=False))
         found = [found[i] for i in chosen]
-    decoded = decode_images([path for path, _ in found], input_size)
-    unreadable = [path for (path, _), image in zip(found, decoded, strict=True) if image is None]
+    decoded = decode_images(read([name for name, _ in found]), input_size)
+    unreadable = [name for (name, _), image in zip(found, decoded, strict=True) if image is None]
     if len(unreadable) == len(found):
-        raise UsageError(f"--data={folder}: none of the {len(found)} image files could be read; check the files")
+        raise UsageError(f"--data={data}: none of the {len(found)} image files could be read; check the files")
     if unreadable:
-        shown = ", ".join(os.path.relpath(path, folder) for path in unreadable[:3])
+        shown = ", ".join(unreadable[:3])
         print(
             f"warning: skipped {len(unreadable)} unreadable image files of {len(found)} ({shown}{', ...' if len(unreadable) > 3 else ''})"
         )
     kept = [(label, image) for (_, label), image in zip(found, decoded, strict=True) if image is not None]
     images = np.stack([image for _, image in kept])
     if depths == {0}:
-        return Dataset(images, None, None, f"image folder {folder} (no class sub-folders)")
+        return Dataset(images, None, None, f"{kind} {data} (no class sub-folders)")
     class_names = sorted({label for label, _ in kept})
     labels = np.array([class_names.index(label) for label, _ in kept], dtype=np.int64)
-    return Dataset(images, labels, class_names, f"image folder {folder}")
+    return Dataset(images, labels, class_names, f"{kind} {data}")
 
 
 CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-test": "test"}
@@ -634,10 +689,13 @@ def load_dataset(data, input_size, max_images, seed):
             f"--data={data}: no such file or folder; use {', '.join(CIFAR10_SPLITS)}, a cifar-10-batches-py folder "
             "or an image folder"
         )
-    elif not os.path.isdir(data):
+    elif not os.path.isdir(data) and not data.lower().endswith(ARCHIVE_EXTENSIONS):
         raise UsageError(
-            f"--data={data}: is a file; point --data at a folder of images or a cifar-10-batches-py folder"
+            f"--data={data}: is a file; point --data at a folder of images, an archive of one "
+            f"({', '.join(ARCHIVE_EXTENSIONS)}) or a cifar-10-batches-py folder"
         )
+    elif not os.path.isdir(data):
+        return load_image_folder(data, input_size, max_images, seed)
     elif is_cifar10_batches_folder(data):
         dataset = load_cifar10_batches(data)
     else:

@@ -2,6 +2,7 @@
 and no file in OUTPUT_DIR changed."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -38,6 +39,16 @@ def good_folder(tmp_path, *extra):
     return [f"--data={make_image_folder(tmp_path / 'data', num_classes=3, per_class=8)}", *extra]
 
 
+def truncated_archive(tmp_path):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=8)
+    archive = shutil.make_archive(
+        str(tmp_path / "images"), "gztar", root_dir=tmp_path, base_dir=os.path.basename(folder)
+    )
+    data = open(archive, "rb").read()
+    open(archive, "wb").write(data[: len(data) // 2])
+    return [f"--data={archive}"]
+
+
 def file_as_output_parent(tmp_path):
     (tmp_path / "a_file").write_text("x")
     return [*good_folder(tmp_path), f"--output_dir={tmp_path / 'a_file' / 'out'}"]
@@ -53,6 +64,7 @@ CASES = {
         "none of the 3 image files could be read",
     ),
     "truncated cifar batch": (truncated_cifar_batches, {}, "data_batch_2 is truncated or not a CIFAR-10 batch"),
+    "truncated archive": (truncated_archive, {}, "images.tar.gz: the archive is corrupt or truncated"),
     "uneven label depth": (uneven_depths, {}, "images sit at different folder depths"),
     "k >= images": (
         lambda tmp: good_folder(tmp, "--k_neighbours=24"),

@@ -2,6 +2,8 @@
 
 import os
 import re
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -175,3 +177,40 @@ def test_split_holdout_is_a_seeded_disjoint_split(tmp_path):
     assert again.labels.tolist() == held_out.labels.tolist()
     with pytest.raises(scan.UsageError, match="--holdout_images=30 leaves none of the 30 images to train on"):
         scan.split_holdout(dataset, 30, seed=5)
+
+
+@pytest.mark.parametrize("archive_format, extension", [("zip", ".zip"), ("tar", ".tar"), ("gztar", ".tar.gz")])
+def test_an_archive_gives_the_arrays_of_its_unpacked_folder(tmp_path, archive_format, extension):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=5)
+    (tmp_path / "images" / "class_1" / "broken.png").write_bytes(b"\x89PNG truncated")
+    archive = shutil.make_archive(str(tmp_path / "packed"), archive_format, root_dir=tmp_path, base_dir="images")
+    assert archive.endswith(extension)
+    from_folder = scan.load_dataset(folder, input_size=16, max_images=0, seed=0)
+    from_archive = scan.load_dataset(archive, input_size=16, max_images=0, seed=0)
+    np.testing.assert_array_equal(from_archive.images, from_folder.images)
+    np.testing.assert_array_equal(from_archive.labels, from_folder.labels)
+    assert from_archive.class_names == from_folder.class_names == ["class_0", "class_1", "class_2"]
+    assert from_archive.source == f"image archive {archive}"
+    subset = scan.load_dataset(archive, input_size=16, max_images=7, seed=3)
+    np.testing.assert_array_equal(subset.images, scan.load_dataset(folder, 16, 7, 3).images)
+
+
+def test_an_archive_of_loose_images_is_unlabelled_and_a_broken_member_is_skipped(tmp_path, capsys):
+    archive = tmp_path / "loose.tgz"
+    with tarfile.open(archive, "w:gz") as packed:
+        for index in range(4):
+            Image.fromarray(class_image(0, index)).save(tmp_path / f"{index}.png")
+            packed.add(tmp_path / f"{index}.png", arcname=f"{index}.png")
+        (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+        packed.add(tmp_path / "bad.jpg", arcname="bad.jpg")
+    dataset = scan.load_dataset(str(archive), input_size=32, max_images=0, seed=0)
+    assert dataset.images.shape == (4, 32, 32, 3) and dataset.labels is None
+    np.testing.assert_array_equal(dataset.images[2], class_image(0, 2))
+    assert capsys.readouterr().out.count("warning: skipped 1 unreadable image files of 5 (bad.jpg)") == 1
+
+
+@pytest.mark.parametrize("name, content", [("junk.zip", b"PK\x03\x04 not really"), ("junk.tar.gz", b"\x1f\x8b junk")])
+def test_a_corrupt_archive_is_one_usage_error(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(scan.UsageError, match=f"{name}: the archive is corrupt or truncated"):
+        scan.load_dataset(str(tmp_path / name), input_size=32, max_images=0, seed=0)
