@@ -1,0 +1,49 @@
+"""README against the script: its settings table is the constants block, and each command it shows parses."""
+
+import os
+import re
+
+import pytest
+
+import scan_cifar10 as scan
+from conftest import REPO, SCRIPT
+
+README = open(os.path.join(REPO, "README.md")).read()
+COMMENTS = scan.read_settings_block(open(SCRIPT).read())
+DEFAULTS = {name: getattr(scan, name) for name in COMMENTS}
+
+
+def table_cell(value):
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def test_the_settings_table_is_the_constants_block():
+    section = README.split("\n## Settings\n", 1)[1]
+    table = section[section.index("\n| `") + 1 :].split("\n\n", 1)[0].splitlines()
+    rows = [re.fullmatch(r"\| `([A-Z_0-9]+)` \| `(.*?)` \| (.*) \|", line).groups() for line in table]
+    assert rows == [(name, table_cell(default), COMMENTS[name]) for name, default in DEFAULTS.items()]
+
+
+DOCS = [open(os.path.join(REPO, "docs", name)).read() for name in sorted(os.listdir(os.path.join(REPO, "docs")))
+        if name.endswith(".md")]  # fmt: skip
+COMMANDS = sorted(
+    set(
+        re.findall(
+            r"(?:KERAS_BACKEND=\w+ )?python scan_cifar10\.py(?: --[a-z_0-9]+=[^\s`]*)*", "\n".join([README, *DOCS])
+        )
+    )
+)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_in_readme_names_real_settings_and_valid_values(command):
+    arguments = command.split("scan_cifar10.py")[1].split()
+    settings = scan.parse_settings(arguments, DEFAULTS, COMMENTS, scan.RECIPES, tuple(scan.CIFAR10_SPLITS))
+    scan.validate_settings(settings, scan.CHOICES)
+
+
+def test_readme_shows_the_commands_ci_runs():
+    assert len(COMMANDS) >= 4 and "python scan_cifar10.py" in COMMANDS
+    ci = open(os.path.join(REPO, ".ci", "run")).read().strip().splitlines()
+    assert ci[-1] == "python -m pytest -q"
+    assert "pip install -r requirements.txt && python -m pytest -q\n" in README
