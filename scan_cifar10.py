@@ -13,7 +13,7 @@ SCAN (Semantic Clustering by Adopting Nearest neighbours, Van Gansbeke et al. 20
 Run:
 
     python scan_cifar10.py                                  # the tutorial, unchanged (downloads CIFAR-10)
-    python scan_cifar10.py --data=path/to/image-folder      # any folder of images, offline
+    python scan_cifar10.py --data=path/to/images            # any folder (or .zip/.tar archive) of images, offline
     python scan_cifar10.py --recipe=scan                    # the SCAN paper's recipe (GPU hours)
     python scan_cifar10.py --help                           # every setting with its default
 
@@ -21,7 +21,7 @@ Edit the constants below, or override any of them as `--name=value`. Figures and
 OUTPUT_DIR. Finished stages are cached there and interrupted training resumes: run the same command again.
 The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`.
 
-Measured (README.md has the full reports):
+Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 - the tutorial's defaults (60,000 images, 50 + 50 epochs), `KERAS_BACKEND=jax python scan_cifar10.py
   --data=path/to/images`, on one NVIDIA H100 with JAX 0.11.2 and Keras 3.15.1: 4.9 minutes in all (1.6 of them
   compiling; a second run loads every compiled program from OUTPUT_DIR/cache/compiled), 25.05 % overall
