@@ -26,7 +26,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
   --data=path/to/images`, on one NVIDIA H100 with JAX 0.11.2 and Keras 3.15.1: 4.9 minutes in all (1.6 of them
   compiling; a second run loads every compiled program from OUTPUT_DIR/cache/compiled), 25.05 % overall
   majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes);
-- `--recipe=quick --data=path/to/cifar10-train-jpeg` on a 2-core CPU with TensorFlow 2.21: 18.5 minutes in all,
+- `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU with TensorFlow 2.21: 18.5 minutes in all,
   41.4 % Hungarian accuracy (NMI 0.280, ARI 0.189) on 10,000 held-out images, neighbour purity 49.2 %.
 """
 
@@ -77,7 +77,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ settings
 # Recipe
-RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper) or "quick" (2-core CPU): see RECIPES
+RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper) or "cpu" (2-core CPU): see RECIPES
 
 # Data
 DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py folder, images (folder or archive)
@@ -159,7 +159,7 @@ RECIPES = {
     },
     # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images: nearly all the
     # time goes to SimCLR on 24x24 views; clustering and self-labeling train the head on cached features.
-    "quick": {
+    "cpu": {
         "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24,
         "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256,
         "representation_epochs": 23, "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0,
@@ -170,6 +170,7 @@ RECIPES = {
         "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
 }  # fmt: skip
+RENAMED_RECIPES = {"quick": "cpu"}  # old name: new name
 # The allowed values of the settings that name a component.
 CHOICES = {
     "recipe": list(RECIPES),
@@ -252,7 +253,7 @@ class _RaisingArgumentParser(argparse.ArgumentParser):
         raise UsageError(message + " (see --help for every setting)")
 
 
-def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data_holdout=10000):
+def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data_holdout=10000, renamed_recipes=None):
     """Returns a namespace of lower-case settings: `defaults`, then the chosen recipe's, then `--name=value`.
 
     A recipe's CIFAR-10 evaluation images (an EVAL_DATA among `cifar10_names`) apply to CIFAR-10 only: with DATA
@@ -278,6 +279,10 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
     }
     settings = {name.lower(): value for name, value in defaults.items()}
     recipe = given.get("recipe", settings.get("recipe", "tutorial"))
+    if recipe in (renamed_recipes or {}):
+        raise UsageError(
+            f"--recipe={recipe} is now --recipe={renamed_recipes[recipe]}: the recipe names say where each runs"
+        )
     if recipe not in recipes:
         raise UsageError(f"--recipe={recipe}: choose one of {', '.join(recipes)}")
     settings.update(recipes[recipe])
@@ -1900,6 +1905,12 @@ def report_clusters(clustering_probs, labels, class_names, prototypes_per_cluste
     sizes = np.bincount(cluster_assignments, minlength=num_clusters)
     for c in range(num_clusters):
         print("cluster", c, ":", sizes[c])
+    empty = np.flatnonzero(sizes == 0).tolist()
+    if empty:
+        print(
+            f"warning: {len(empty)} of {num_clusters} clusters ended empty ({', '.join(map(str, empty))}); to keep "
+            "every cluster in use, raise --entropy_loss_weight (with --clustering_loss=scan) or lower --num_clusters"
+        )
     prototypes = cluster_prototypes(cluster_assignments, cluster_confidence, num_clusters, prototypes_per_cluster)
     plot_prototypes(images, labels, class_names, prototypes, output_path("prototypes.png"))
     metrics = {"cluster_sizes": sizes.tolist()}
@@ -2093,7 +2104,7 @@ def main(argv=None):
     with open(__file__) as file:
         comments = read_settings_block(file.read())
     defaults = {name: globals()[name] for name in comments}
-    settings = parse_settings(argv, defaults, comments, RECIPES, tuple(CIFAR10_SPLITS))
+    settings = parse_settings(argv, defaults, comments, RECIPES, tuple(CIFAR10_SPLITS), renamed_recipes=RENAMED_RECIPES)
     validate_settings(settings, CHOICES)
     check_output_dir(settings.output_dir)
     gpus = find_gpus()

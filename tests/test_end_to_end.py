@@ -80,9 +80,9 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     )
 
 
-# On JAX the quick recipe's run also shows that each training step and each model's prediction compiles once, and
+# On JAX the cpu recipe's run also shows that each training step and each model's prediction compiles once, and
 # that a second run loads every program from the compilation cache.
-@pytest.mark.parametrize("recipe, backend", [("scan", "tensorflow"), ("quick", "tensorflow"), ("quick", "jax")])
+@pytest.mark.parametrize("recipe, backend", [("scan", "tensorflow"), ("cpu", "tensorflow"), ("cpu", "jax")])
 def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
@@ -116,7 +116,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
         r"RESULT split=eval images=6 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", out.strip().splitlines()[-1]
     )
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    assert metrics["settings"]["encoder"] == {"scan": "resnet18", "quick": "small"}[recipe]
+    assert metrics["settings"]["encoder"] == {"scan": "resnet18", "cpu": "small"}[recipe]
     assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1

@@ -44,3 +44,23 @@ def test_cluster_prototypes_are_the_most_confident_members():
     assignments = np.array([1, 0, 1, 1, 0])
     confidence = np.array([0.5, 0.9, 0.8, 0.7, 0.95])
     assert scan.cluster_prototypes(assignments, confidence, num_clusters=3, num_images=2) == [[4, 1], [2, 3], []]
+
+
+def test_the_report_names_empty_clusters_and_the_remedy(tmp_path, capsys):
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    probabilities = np.eye(4)[[0, 0, 1, 1, 3, 3]] * 0.9 + 0.025  # cluster 2 receives no image
+    output_path = lambda name: str(tmp_path / name)  # noqa: E731
+    metrics = scan.report_clusters(
+        probabilities, labels, ["a", "b", "c"], 2, np.zeros((6, 8, 8, 3), np.uint8), output_path
+    )
+    out = capsys.readouterr().out
+    assert metrics["cluster_sizes"] == [2, 2, 0, 2]
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: 1 of 4 clusters ended empty (2); to keep every cluster in use, raise --entropy_loss_weight "
+        "(with --clustering_loss=scan) or lower --num_clusters"
+    ]
+    scan.report_clusters(
+        np.eye(3)[[0, 1, 2, 0, 1, 2]], labels, ["a", "b", "c"], 2, np.zeros((6, 8, 8, 3), np.uint8), output_path
+    )
+    assert "ended empty" not in capsys.readouterr().out

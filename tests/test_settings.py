@@ -103,7 +103,7 @@ def script_settings(argv):
         ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
         ("--encoder=vgg16", "--encoder=vgg16: choose one of resnet50v2, resnet18, small"),
-        ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, quick"),
+        ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, cpu"),
         ("--self_label_threshold=1", "--self_label_threshold=1.0: must be between 0 and 1"),
         ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
@@ -156,8 +156,8 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
     # Each component stays switchable on its own.
     mixed = script_settings(["--recipe=scan", "--clustering_loss=tutorial", "--encoder=small"])
     assert (mixed.clustering_loss, mixed.encoder, mixed.contrastive_loss) == ("tutorial", "small", "ntxent")
-    quick = script_settings(["--recipe=quick"])
-    assert quick.holdout_images > 0 and quick.encoder == "small" and quick.self_label_epochs > 0
+    cpu = script_settings(["--recipe=cpu"])
+    assert cpu.holdout_images > 0 and cpu.encoder == "small" and cpu.self_label_epochs > 0
 
 
 def test_every_recipe_names_only_real_settings_and_valid_choices():
@@ -192,7 +192,7 @@ def test_a_recipes_cifar10_evaluation_applies_to_cifar10_only():
     assert own(["--recipe=scan", "--data=path/to/images", "--holdout_images=50"]).holdout_images == 50
     given = own(["--recipe=scan", "--data=path/to/images", "--eval_data=path/to/other"])
     assert (given.eval_data, given.holdout_images) == ("path/to/other", 0)
-    assert own(["--recipe=quick", "--data=path/to/images"]).holdout_images == 10000
+    assert own(["--recipe=cpu", "--data=path/to/images"]).holdout_images == 10000
     assert own(["--data=path/to/images"]).eval_data == "" and own(["--data=path/to/images"]).holdout_images == 0
 
 
@@ -215,3 +215,10 @@ def test_a_recipe_on_a_folder_never_reaches_for_cifar10(tmp_path, monkeypatch, c
                    "--k_neighbours=2", "--num_clusters=3"])  # fmt: skip
     scan.keras.mixed_precision.set_global_policy("float32")
     assert f"evaluation data: image folder {folder}, 6 held-out images (never trained on)" in capsys.readouterr().out
+
+
+def test_the_old_recipe_name_quick_says_it_is_now_cpu():
+    with pytest.raises(
+        scan.UsageError, match=r"^--recipe=quick is now --recipe=cpu: the recipe names say where each runs$"
+    ):
+        scan.main(["--recipe=quick"])
