@@ -686,25 +686,24 @@ CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-te
 
 
 def load_dataset(data, input_size, max_images, seed):
-    """Loads the images named by `data`: a CIFAR10_SPLITS name, a cifar-10-batches-py folder or an image folder."""
+    """Loads the images named by `data`: a CIFAR10_SPLITS name, a cifar-10-batches-py folder, an image folder or an
+    archive of one."""
     if data in CIFAR10_SPLITS:
         dataset = load_cifar10_download(CIFAR10_SPLITS[data])
     elif not os.path.exists(data):
         raise UsageError(
-            f"--data={data}: no such file or folder; use {', '.join(CIFAR10_SPLITS)}, a cifar-10-batches-py folder "
-            "or an image folder"
+            f"--data={data}: no such file or folder; use {', '.join(CIFAR10_SPLITS)}, a cifar-10-batches-py folder, "
+            "an image folder or an archive of one"
         )
-    elif not os.path.isdir(data) and not data.lower().endswith(ARCHIVE_EXTENSIONS):
+    elif is_cifar10_batches_folder(data):
+        dataset = load_cifar10_batches(data)
+    elif os.path.isdir(data) or data.lower().endswith(ARCHIVE_EXTENSIONS):
+        return load_image_folder(data, input_size, max_images, seed)
+    else:
         raise UsageError(
             f"--data={data}: is a file; point --data at a folder of images, an archive of one "
             f"({', '.join(ARCHIVE_EXTENSIONS)}) or a cifar-10-batches-py folder"
         )
-    elif not os.path.isdir(data):
-        return load_image_folder(data, input_size, max_images, seed)
-    elif is_cifar10_batches_folder(data):
-        dataset = load_cifar10_batches(data)
-    else:
-        return load_image_folder(data, input_size, max_images, seed)
     if dataset.images.shape[1:3] != (input_size, input_size):
         resized = [
             np.asarray(Image.fromarray(image).resize((input_size, input_size), Image.Resampling.BICUBIC))

@@ -129,6 +129,7 @@ def test_image_folder_max_images(tmp_path):
         (lambda root: None, "no such file or folder"),
         (lambda root: root.mkdir(), "no .png/.jpg/.jpeg/.bmp/.gif/.webp files found"),
         (lambda root: (root.mkdir(), (root / "x.png").write_bytes(b"junk")), "none of the 1 image files could be read"),
+        (lambda root: root.write_text("a,b"), "is a file; point --data at a folder of images, an archive of one"),
     ],
 )
 def test_unusable_folders_raise_usage_errors(tmp_path, setup, message):
