@@ -518,7 +518,7 @@ def load_cifar10_download(split):
     except Exception as error:  # noqa: BLE001  (any download or cache failure gets the same advice)
         raise UsageError(
             f"could not download CIFAR-10 ({shorten(str(error).splitlines()[0])}); without internet, point DATA at "
-            "local files: --data=path/to/cifar-10-batches-py or --data=path/to/image-folder"
+            "local files: --data=path/to/cifar-10-batches-py, or --data=path/to/images (a folder of images or an archive of one)"
         ) from None
     images = {"train": [x_train], "test": [x_test], "train+test": [x_train, x_test]}[split]
     labels = {"train": [y_train], "test": [y_test], "train+test": [y_train, y_test]}[split]
