@@ -562,16 +562,25 @@ def load_cifar10_batches(folder):
     return Dataset(np.concatenate(images), np.concatenate(labels), class_names, f"cifar-10-batches-py folder {folder}")
 
 
+def is_image_name(name):
+    """Whether a file is an image the loader reads, by its name's extension (hidden files are skipped)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def with_labels(names):
+    """Each relative image name with its label folder: its parent path ('' for an image at the top)."""
+    return [(name, name.rpartition("/")[0]) for name in names]
+
+
 def find_image_files(folder):
     """Lists the image files under `folder`: (path relative to it, label folder ('' for none)), in sorted order."""
-    found = []
+    names = []
     for root, directories, files in os.walk(folder):
         directories.sort()
         for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                relative = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
-                found.append((relative, relative.rpartition("/")[0]))
-    return found
+            if is_image_name(name):
+                names.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return with_labels(names)
 
 
 def find_archive_images(path):
@@ -587,11 +596,10 @@ def find_archive_images(path):
                 names = [member.name for member in archive.getmembers() if member.isfile()]
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
         raise archive_error(path, error) from None
-    is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")  # noqa: E731
-    names = sorted(name.removeprefix("./") for name in names if is_image(name.rpartition("/")[2]))
+    names = sorted(name.removeprefix("./") for name in names if is_image_name(name.rpartition("/")[2]))
     tops = {name.partition("/")[0] for name in names}
     prefix = f"{tops.pop()}/" if len(tops) == 1 and all("/" in name for name in names) else ""
-    return [(name.removeprefix(prefix), name.removeprefix(prefix).rpartition("/")[0]) for name in names], prefix
+    return with_labels([name.removeprefix(prefix) for name in names]), prefix
 
 
 def read_archive_members(path, names):
@@ -721,7 +729,7 @@ def split_holdout(dataset, holdout_images, seed):
     if holdout_images >= len(dataset.images):
         raise UsageError(
             f"--holdout_images={holdout_images} leaves none of the {len(dataset.images)} images to train on; "
-            "lower --holdout_images (a recipe holds 10000 of your own images out)"
+            "lower --holdout_images (with your own data, a recipe holds images out unless it is given)"
         )
     held_out = np.zeros(len(dataset.images), dtype=bool)
     held_out[np.random.default_rng(seed + 1).choice(len(dataset.images), holdout_images, replace=False)] = True
