@@ -19,7 +19,7 @@ are skipped and named; compilation uses no persistent cache, so the compile colu
 
 Run from the repository root:
 
-    KERAS_BACKEND=jax python benchmarks/bench.py                               # a GPU: every row, about 3 minutes
+    KERAS_BACKEND=jax python benchmarks/bench.py                               # a GPU: rows start until 170 s have passed
     python benchmarks/bench.py --images=2048 --batch_size=64 --steps=3         # a CPU: 3 steps of each, scaled
 """
 
