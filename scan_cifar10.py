@@ -15,6 +15,7 @@ Run:
     python scan_cifar10.py                                  # the tutorial, unchanged (downloads CIFAR-10)
     python scan_cifar10.py --data=path/to/images            # any folder (or .zip/.tar archive) of images, offline
     python scan_cifar10.py --recipe=scan                    # the SCAN paper's recipe (GPU hours)
+    KERAS_BACKEND=jax python scan_cifar10.py --recipe=gpu   # SCAN cut to 10 minutes on one GPU (unmeasured yet)
     python scan_cifar10.py --help                           # every setting with its default
 
 Edit the constants below, or override any of them as `--name=value`. Figures and `metrics.json` land in
@@ -27,7 +28,8 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
   compiling; a second run loads every compiled program from OUTPUT_DIR/cache/compiled), 25.05 % overall
   majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes);
 - `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU with TensorFlow 2.21: 18.5 minutes in all,
-  41.4 % Hungarian accuracy (NMI 0.280, ARI 0.189) on 10,000 held-out images, neighbour purity 49.2 %.
+  41.4 % Hungarian accuracy (NMI 0.280, ARI 0.189) on 10,000 held-out images, neighbour purity 49.2 %;
+- `--recipe=gpu` (SCAN in 10 minutes on one GPU): not yet run on a GPU, so its time and accuracy are unmeasured.
 """
 
 import argparse
@@ -77,7 +79,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ settings
 # Recipe
-RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper) or "cpu" (2-core CPU): see RECIPES
+RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper), "cpu" (2 cores), "gpu": see RECIPES
 
 # Data
 DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py folder, images (folder or archive)
@@ -109,6 +111,7 @@ REPRESENTATION_EPOCHS = 50  # SimCLR training epochs (the tutorial suggests 500 
 REPRESENTATION_LEARNING_RATE = 0.001  # initial learning rate of the cosine decay
 LEARNING_RATE_DECAY_STEPS = 500  # steps of the cosine decay, then the rate stays at its floor (0 = all steps)
 LEARNING_RATE_DECAY_ALPHA = 0.1  # floor of the cosine decay as a fraction of the initial rate
+WARMUP_EPOCHS = 0  # epochs over which the SimCLR learning rate first rises linearly from 0 (SimCLR: 10)
 WEIGHT_DECAY = 0.0001  # AdamW weight decay, Keras semantics (scaled by the learning rate)
 
 # Neighbours
@@ -169,6 +172,17 @@ RECIPES = {
         "clustering_learning_rate": 0.001,
         "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
+    # The scan recipe cut to fit 10 minutes on one GPU (unmeasured as yet, see docs/gpu-recipe.md): 100 SimCLR epochs
+    # with a 10-epoch warm-up, then 20 epochs each of clustering and self-labeling, the encoder tuned in both.
+    "gpu": {
+        "data": "cifar10-train", "eval_data": "cifar10-test", "encoder": "resnet18", "augmentation": "simclr",
+        "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_epochs": 100, "warmup_epochs": 10,
+        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
+        "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10, "num_heads": 10,
+        "clustering_loss": "scan", "sample_one_neighbour": True, "tune_encoder_during_clustering": True,
+        "clustering_epochs": 20, "clustering_learning_rate": 0.0002,
+        "self_label_epochs": 20, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+    },
 }  # fmt: skip
 RENAMED_RECIPES = {"quick": "cpu"}  # old name: new name
 # The allowed values of the settings that name a component.
@@ -189,7 +203,7 @@ STAGE_SETTINGS = {
         "mixed_precision", "seed", "encoder", "target_size", "augmentation", "view_size", "representation_dim",
         "projection_head", "projection_units", "contrastive_loss", "num_augmentations", "temperature", "dropout_rate",
         "l2_normalize", "batch_size", "representation_epochs", "representation_learning_rate",
-        "learning_rate_decay_steps", "learning_rate_decay_alpha", "weight_decay",
+        "learning_rate_decay_steps", "learning_rate_decay_alpha", "warmup_epochs", "weight_decay",
     ],
     "embeddings": ["embed_raw_pixels", "mining_features"],
     "neighbours": ["k_neighbours"],
@@ -317,7 +331,9 @@ def validate_settings(settings, choices):
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
-    for name in ["max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size"]:
+    for name in [
+        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "warmup_epochs"
+    ]:  # fmt: skip
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
     if settings.checkpoint_seconds < 0:
@@ -343,6 +359,11 @@ def validate_settings(settings, choices):
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
     if settings.entropy_loss_weight < 0:
         raise UsageError(f"--entropy_loss_weight={settings.entropy_loss_weight}: must be 0 or more")
+    if settings.warmup_epochs >= settings.representation_epochs:
+        raise UsageError(
+            f"--warmup_epochs={settings.warmup_epochs}: must be fewer than --representation_epochs="
+            f"{settings.representation_epochs}; lower --warmup_epochs"
+        )
     if settings.cluster_on_features and settings.tune_encoder_during_clustering:
         raise UsageError(
             "--cluster_on_features=true learns on features of a frozen encoder; set --tune_encoder_during_clustering=false"
@@ -1267,6 +1288,20 @@ def create_adamw(learning_rate, weight_decay):
     return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
+def learning_rate_schedule(learning_rate, total_steps, decay_steps, decay_alpha, warmup_steps):
+    """The tutorial's cosine decay of `learning_rate` over `decay_steps` (0: the `total_steps` after the warm-up)
+    down to `decay_alpha` times it, after a linear rise from 0 over `warmup_steps` (none when 0)."""
+    if not warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps or total_steps, alpha=decay_alpha)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0,
+        decay_steps or total_steps - warmup_steps,
+        alpha=decay_alpha,
+        warmup_target=learning_rate,
+        warmup_steps=warmup_steps,
+    )
+
+
 def train_representation_learner(
     learner,
     batches,
@@ -1274,6 +1309,7 @@ def train_representation_learner(
     learning_rate,
     decay_steps,
     decay_alpha,
+    warmup_epochs,
     weight_decay,
     steps_per_execution,
     checkpoint_seconds,
@@ -1281,9 +1317,8 @@ def train_representation_learner(
 ):
     """Trains the contrastive learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
     every epoch."""
-    # Create a cosine decay learning rate scheduler.
-    lr_scheduler = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=learning_rate, decay_steps=decay_steps or epochs * len(batches), alpha=decay_alpha
+    lr_scheduler = learning_rate_schedule(
+        learning_rate, epochs * len(batches), decay_steps, decay_alpha, warmup_epochs * len(batches)
     )
     learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay), steps_per_execution=steps_per_execution)
     return fit_resumable(
@@ -2202,6 +2237,7 @@ def main(argv=None):
                 settings.representation_learning_rate,
                 settings.learning_rate_decay_steps,
                 settings.learning_rate_decay_alpha,
+                settings.warmup_epochs,
                 settings.weight_decay,
                 settings.steps_per_execution,
                 settings.checkpoint_seconds,

@@ -199,3 +199,20 @@ def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the
     losses = learner.fit(features, batch_size=30, epochs=5, shuffle=False, verbose=0).history["loss"]
     assert losses[0] == pytest.approx(float(ops.convert_to_numpy(expected)), rel=1e-4)
     assert losses[-1] < losses[0]  # the head becomes more confident in its own pseudo-labels
+
+
+def reference_learning_rate(step, learning_rate, total_steps, decay_steps, alpha, warmup_steps):
+    """Linear rise from 0 over the warm-up, then cosine decay to `alpha` of the rate, written out in numpy."""
+    if step < warmup_steps:
+        return learning_rate * step / warmup_steps
+    decay_steps = decay_steps or total_steps - warmup_steps
+    progress = min(step - warmup_steps, decay_steps) / decay_steps
+    return learning_rate * ((1 - alpha) * 0.5 * (1 + np.cos(np.pi * progress)) + alpha)
+
+
+@pytest.mark.parametrize("decay_steps, alpha, warmup_steps", [(0, 0.0, 0), (0, 0.0, 10), (30, 0.1, 0), (30, 0.1, 5)])
+def test_learning_rate_schedule_rises_then_follows_the_cosine(decay_steps, alpha, warmup_steps):
+    schedule = scan.learning_rate_schedule(0.002, 100, decay_steps, alpha, warmup_steps)
+    for step in [0, 1, 4, 5, 9, 10, 11, 34, 50, 99, 100, 150]:
+        expected = reference_learning_rate(step, 0.002, 100, decay_steps, alpha, warmup_steps)
+        assert float(ops.convert_to_numpy(schedule(step))) == pytest.approx(expected, rel=1e-5, abs=1e-9), step

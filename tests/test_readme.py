@@ -47,3 +47,18 @@ def test_readme_shows_the_commands_ci_runs():
     ci = open(os.path.join(REPO, ".ci", "run")).read().strip().splitlines()
     assert ci[-1] == "python -m pytest -q"
     assert "pip install -r requirements.txt && python -m pytest -q\n" in README
+
+
+def test_the_recipes_table_is_the_recipes():
+    recipes_page = open(os.path.join(REPO, "docs", "recipes.md")).read()
+    header, _, *lines = recipes_page[recipes_page.index("| setting |") :].split("\n\n", 1)[0].splitlines()
+    assert header == "| setting | " + " | ".join(scan.RECIPES) + " |"
+    table = {}
+    for line in lines:
+        name, *cells = re.fullmatch(r"\| `([A-Z_0-9]+)`((?: \| `.*?`)+) \|", line).group(1, 2)
+        table[name] = re.findall(r"\| `(.*?)`", cells[0])
+    # Every setting a recipe sets has a row; each row shows what every recipe sets, or the default.
+    assert set(table) == {name.upper() for values in scan.RECIPES.values() for name in values}
+    for name, cells in table.items():
+        expected = [table_cell(values.get(name.lower(), DEFAULTS[name])) for values in scan.RECIPES.values()]
+        assert cells == expected, name

@@ -103,7 +103,11 @@ def script_settings(argv):
         ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
         ("--encoder=vgg16", "--encoder=vgg16: choose one of resnet50v2, resnet18, small"),
-        ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, cpu"),
+        ("--recipe=fast", "--recipe=fast: choose one of tutorial, scan, cpu, gpu"),
+        (
+            "--recipe=gpu --representation_epochs=5",
+            "--warmup_epochs=10: must be fewer than --representation_epochs=5; lower",
+        ),
         ("--self_label_threshold=1", "--self_label_threshold=1.0: must be between 0 and 1"),
         ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
@@ -112,7 +116,7 @@ def script_settings(argv):
 )
 def test_impossible_settings_are_rejected(argument, message):
     with pytest.raises(scan.UsageError, match=re.escape(message)):
-        script_settings([argument])
+        script_settings(argument.split())
 
 
 def test_eval_data_and_holdout_exclude_each_other():
