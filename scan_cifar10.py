@@ -34,6 +34,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 
 import argparse
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
@@ -145,6 +146,7 @@ STEPS_PER_EXECUTION = 1  # training steps per compiled call; more cuts the per-s
 DATA_ON_DEVICE = "auto"  # keep training images on the accelerator: "auto" (JAX, if they fit), "true", "false"
 COMPILATION_CACHE = True  # keep compiled steps in OUTPUT_DIR/cache/compiled (JAX): later runs load them
 CHECKPOINT_SECONDS = 60  # save training state at most this often (0 = every epoch); a killed run resumes there
+DISTRIBUTION = "auto"  # "auto" (data-parallel when several GPUs are visible), "none", "data_parallel" (all devices)
 # --------------------------------------------------------------------------------------- end of settings
 
 # Each recipe is a coherent set of defaults; a setting given on the command line always wins over it.
@@ -196,6 +198,7 @@ CHOICES = {
     "clustering_loss": ["tutorial", "scan"],
     "mixed_precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
     "data_on_device": ["auto", "true", "false"],
+    "distribution": ["auto", "none", "data_parallel"],
 }
 # The settings each cached stage depends on; a stage's fingerprint also covers the data and every earlier stage.
 STAGE_SETTINGS = {
@@ -372,8 +375,14 @@ def validate_settings(settings, choices):
         raise UsageError("set either --eval_data or --holdout_images, not both (use --eval_data= to clear it)")
 
 
-def validate_against_data(settings, num_images):
-    """Rejects settings that the training images cannot satisfy."""
+def validate_against_data(settings, num_images, num_devices=1):
+    """Rejects settings that the training images (and data parallelism over `num_devices`) cannot satisfy."""
+    if num_images < settings.batch_size and num_images % num_devices:  # every step would take all the images
+        raise UsageError(
+            f"--batch_size={settings.batch_size} is more than the {num_images} images to train on, and those do not "
+            f"split over {num_devices} devices; use --batch_size={num_images // num_devices * num_devices}"
+        )
+    check_divisible("embedding_batch_size", settings.embedding_batch_size, num_devices)
     if settings.k_neighbours >= num_images:
         raise UsageError(
             f"--k_neighbours={settings.k_neighbours} needs more than {settings.k_neighbours} images, "
@@ -477,6 +486,113 @@ def enable_compilation_cache(folder):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return True
+
+
+"""
+### Data parallelism over every device
+
+With several GPUs (`DISTRIBUTION`), every stage splits each global batch of `BATCH_SIZE` (and of
+`EMBEDDING_BATCH_SIZE`) evenly over them, so a run's math does not change with the device count. JAX compiles
+one program for the global batch (`keras.distribution.DataParallel`), in which every operation sees the whole
+batch. TensorFlow runs a copy of the step on each replica (`tf.distribute.MirroredStrategy`) and sums their
+gradients, so there the parts of a step that look at the whole batch gather it from every replica: the
+contrastive, entropy and self-label losses, batch normalisation and the augmentations' random draws. The
+functions below are the only engine-specific code of the training steps; off TensorFlow's replicas they change
+nothing.
+"""
+
+
+def resolve_distribution(setting, num_gpus):
+    """Whether every stage runs data-parallel: "auto" does when more than one GPU is visible."""
+    if setting == "auto":
+        return num_gpus > 1
+    return setting == "data_parallel"
+
+
+@functools.cache  # Once per process: a second TensorFlow strategy's collectives would clash with the first's.
+def start_data_parallel(backend):
+    """Spreads training over every device the engine sees: returns (the engine, whose `scope()` the models are built,
+    trained and used in; the number of devices). Several hosts: JAX joins them through
+    `keras.distribution.initialize()` when KERAS_DISTRIBUTION_JOB_ADDRESSES is set, TensorFlow through
+    MultiWorkerMirroredStrategy when TF_CONFIG is."""
+    if backend == "jax":
+        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+            keras.distribution.initialize()
+        devices = keras.distribution.list_devices()
+        return keras.distribution.DataParallel(devices=devices), len(devices)
+    import tensorflow as tf
+
+    if os.environ.get("TF_CONFIG"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    return strategy, strategy.num_replicas_in_sync
+
+
+def check_divisible(name, value, num_devices):
+    """Rejects a global batch that does not split evenly over the devices, naming the nearest sizes that do."""
+    if value % num_devices:
+        lower, upper = value // num_devices * num_devices, (value // num_devices + 1) * num_devices
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise UsageError(
+            f"--{name}={value}: data-parallel over {num_devices} devices needs a multiple of {num_devices}; use {nearest}"
+        )
+
+
+def tensorflow_replicas():
+    """TensorFlow's replica context while a step runs on several replicas, else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def gather_replicas(tensor, axis=0):
+    """The global batch of `tensor`: every replica's part, concatenated along `axis` in the global batch's order."""
+    context = tensorflow_replicas()
+    if context is None:
+        return tensor
+    import tensorflow as tf
+
+    shape = list(tensor.shape)
+    shape[axis] = None
+    return tf.ensure_shape(context.all_gather(tensor, axis=axis), shape)
+
+
+def replica_rows(tensor, num_rows):
+    """This replica's `num_rows` rows of a global-batch `tensor`."""
+    context = tensorflow_replicas()
+    if context is None:
+        return tensor
+    return ops.take(tensor, context.replica_id_in_sync_group * num_rows + ops.arange(num_rows), axis=0)
+
+
+def replica_share(loss):
+    """What each replica returns of a global-batch loss: its replica count's share, since the gradients are summed."""
+    context = tensorflow_replicas()
+    return loss if context is None else loss / context.num_replicas_in_sync
+
+
+def synchronize_batch_normalization(model):
+    """On several TensorFlow replicas, batch normalisation takes its statistics over the global batch."""
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        for layer in layers_within(model):
+            if isinstance(layer, layers.BatchNormalization):
+                layer.synchronized = True
+
+
+def layers_within(layer):
+    """`layer` and every layer inside it, however deeply nested."""
+    yield layer
+    for inner in getattr(layer, "layers", []):
+        yield from layers_within(inner)
 
 
 class CompilationLog:
@@ -667,7 +783,8 @@ def decode_images(sources, size):
     with warnings.catch_warnings():  # JAX warns about any fork; the workers run Pillow only, never the backend.
         warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
         with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
-            return list(pool.map(decode_image, sources, [size] * len(sources), chunksize=500))
+            decoded = pool.map(decode_image, sources, [size] * len(sources), chunksize=500)
+            return list(tqdm(decoded, total=len(sources), desc="decoding images", unit="image", mininterval=1))
 
 
 def load_image_folder(data, input_size, max_images, seed):
@@ -824,8 +941,8 @@ class RowBatches(keras.utils.PyDataset):
         self.rows = rows
         self.neighbour_indices = neighbour_indices
         self.sample_one_neighbour = sample_one_neighbour
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(num_rows).astype("int32")
+        self.seed, self.epoch = seed, 0
+        self.order = np.random.default_rng([seed, 0]).permutation(num_rows).astype("int32")
 
     def __len__(self):
         return self.num_rows // self.batch_size
@@ -837,15 +954,16 @@ class RowBatches(keras.utils.PyDataset):
             return take(anchors)
         neighbours = self.neighbour_indices[anchors].astype("int32")  # [batch_size, k_neighbours]
         if self.sample_one_neighbour:
-            neighbours = np.take_along_axis(
-                neighbours, self.rng.integers(neighbours.shape[1], size=(len(anchors), 1)), 1
-            )
+            # Drawn from the epoch and the batch alone, so a batch read twice (Keras peeks at the first) is the same.
+            rng = np.random.default_rng([self.seed, self.epoch, index + 1])
+            neighbours = np.take_along_axis(neighbours, rng.integers(neighbours.shape[1], size=(len(anchors), 1)), 1)
         # The losses ignore their targets, as in the tutorial.
         targets = np.ones(len(anchors), dtype="float32")
         return {"anchors": take(anchors), "neighbours": take(neighbours)}, (targets, targets)
 
     def on_epoch_end(self):
-        self.order = self.rng.permutation(self.num_rows).astype("int32")
+        self.epoch += 1
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows).astype("int32")
 
 
 def predict_in_full_batches(model, inputs, batch_size, verbose=0):
@@ -925,6 +1043,9 @@ class ImageAugmentation(layers.Layer):
         images = ops.cast(images, self.compute_dtype)
         if not training:
             return images
+        # On TensorFlow replicas each augments the global batch and keeps its own rows: the draws are one device's.
+        num_rows = ops.shape(images)[0]
+        images = gather_replicas(images)
         batch_size, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
         if self.kind == "tutorial":
             parameters = sample_tutorial_parameters(batch_size, self.seed_generator)
@@ -939,7 +1060,7 @@ class ImageAugmentation(layers.Layer):
         images = affine_resample(images, transforms, output_size)
         if self.kind == "simclr":
             images = random_colour_distortion(images / 255.0, self.seed_generator) * 255.0
-        return images
+        return replica_rows(images, num_rows)
 
 
 def affine_resample(images, transforms, output_size=None):
@@ -1275,9 +1396,12 @@ class RepresentationLearner(keras.Model):
         return self.projector(features, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        # The views of the global batch, view by view: [num_augmentations * batch_size, projection_units].
+        views = gather_replicas(ops.reshape(y_pred, (self.num_augmentations, -1, y_pred.shape[-1])), axis=1)
+        y_pred, batch_size = ops.reshape(views, (-1, y_pred.shape[-1])), ops.shape(views)[1]
         if self.contrastive_loss == "ntxent":
-            return nt_xent_loss(y_pred, ops.shape(x)[0], self.temperature)
-        return tutorial_contrastive_loss(y_pred, ops.shape(x)[0], self.temperature, self.l2_normalize)
+            return replica_share(nt_xent_loss(y_pred, batch_size, self.temperature))
+        return replica_share(tutorial_contrastive_loss(y_pred, batch_size, self.temperature, self.l2_normalize))
 
 
 def create_adamw(learning_rate, weight_decay):
@@ -1409,7 +1533,9 @@ def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_ar
     if first_epoch:
         print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
     callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
-    model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), **fit_arguments)
+    synchronize_batch_normalization(model)
+    # RowBatches shuffles its rows itself; Keras's shuffle of the batches' order would draw on the global random state.
+    model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments)
     for epoch, losses in enumerate(zip(*history.values(), strict=True), start=1):
         if not np.all(np.isfinite(losses)):
             raise UsageError(
@@ -1467,29 +1593,31 @@ its own first match, every image is covered and the image itself is masked out e
 """
 
 
+class MostSimilarRows(DeviceRows):
+    """Holds feature vectors [num_rows, dims] on the device (float32, under mixed precision too); maps anchors
+    [batch_size, dims] to the indices of their `k` most similar rows [batch_size, k], best first."""
+
+    def __init__(self, rows, k, **kwargs):
+        super().__init__(rows, dtype="float32", **kwargs)
+        self.k = k
+
+    def call(self, anchors):
+        # similarities shape: [batch_size, num_rows]; one matmul and one top-k on the device per batch.
+        similarities = ops.matmul(anchors, ops.transpose(self.rows))
+        return ops.top_k(similarities, k=self.k, sorted=True)[1]
+
+
 def mine_neighbours(feature_vectors, k_neighbours, batch_size):
     """Returns the indices [num_images, k_neighbours] of each row's most similar other rows, best first."""
     feature_vectors = np.asarray(feature_vectors, dtype="float32")
     num_images = len(feature_vectors)
-    all_features = ops.convert_to_tensor(feature_vectors)
-    neighbour_indices = np.empty((num_images, k_neighbours), dtype=np.int64)
-    # The anchors are padded to whole batches, so each batch's matmul and top-k compile once.
-    anchors = np.concatenate(
-        [feature_vectors, np.zeros((-num_images % batch_size, feature_vectors.shape[1]), "float32")]
-    )
-    for start in tqdm(range(0, num_images, batch_size), desc="mining neighbours", unit="batch"):
-        end = min(start + batch_size, num_images)
-        # similarities shape: [batch_size, num_images]; one matmul and one top-k on the device per batch.
-        similarities = ops.matmul(
-            ops.convert_to_tensor(anchors[start : start + batch_size]), ops.transpose(all_features)
-        )
-        _, indices = ops.top_k(similarities, k=k_neighbours + 1, sorted=True)
-        indices = ops.convert_to_numpy(indices)[: end - start]  # [end - start, k_neighbours + 1]
-        # Keep the best k that are not the image itself: drop it, or the (k+1)-th when it is not among them.
-        is_other = indices != np.arange(start, end)[:, None]
-        keep = is_other & (np.cumsum(is_other, axis=1) <= k_neighbours)
-        neighbour_indices[start:end] = indices[keep].reshape(-1, k_neighbours)
-    return neighbour_indices
+    # The anchors are batches of a prediction, so they use every device, and the image itself is among the k + 1.
+    miner = keras.Sequential([MostSimilarRows(feature_vectors, k_neighbours + 1)], name="neighbour_mining")
+    indices = predict_in_full_batches(miner, feature_vectors, batch_size, verbose=fit_verbosity())
+    # Keep the best k that are not the image itself: drop it, or the (k+1)-th when it is not among them.
+    is_other = indices != np.arange(num_images)[:, None]
+    keep = is_other & (np.cumsum(is_other, axis=1) <= k_neighbours)
+    return indices[keep].reshape(num_images, k_neighbours).astype(np.int64)
 
 
 def neighbour_purity(neighbour_indices, labels):
@@ -1531,7 +1659,7 @@ class ClustersConsistencyLoss(keras.losses.Loss):
         # Tutorial quirk (from_logits=True): `similarity` is a dot product of probabilities, yet it is treated as
         # a logit. With from_logits=False this is SCAN's loss, -log <p_anchor, p_neighbour>.
         loss = keras.losses.binary_crossentropy(y_true=target, y_pred=similarity, from_logits=self.from_logits)
-        return ops.mean(loss)
+        return replica_share(ops.mean(loss))
 
 
 """
@@ -1554,13 +1682,13 @@ class ClustersEntropyLoss(keras.losses.Loss):
         num_clusters = ops.cast(ops.shape(cluster_probabilities)[-1], "float32")
         target = ops.log(num_clusters)
         # Compute the overall clusters distribution: [num_clusters], or [num_heads, num_clusters] (NUM_HEADS > 1).
-        cluster_probabilities = ops.mean(ops.cast(cluster_probabilities, "float32"), axis=0)
+        cluster_probabilities = ops.mean(gather_replicas(ops.cast(cluster_probabilities, "float32")), axis=0)
         # Replacing zero probabilities - if any - with a very small value.
         cluster_probabilities = ops.clip(cluster_probabilities, 1e-8, 1.0)
         # Compute the entropy over the clusters (of each head, then their mean).
         entropy = ops.mean(-ops.sum(cluster_probabilities * ops.log(cluster_probabilities), axis=-1))
         # Compute the difference between the target and the actual (SCAN: minus the weighted entropy, up to a constant).
-        return (self.entropy_loss_weight if self.apply_weight else 1.0) * (target - entropy)
+        return replica_share((self.entropy_loss_weight if self.apply_weight else 1.0) * (target - entropy))
 
 
 """
@@ -1769,7 +1897,8 @@ class SelfLabelLearner(keras.Model):
         return self.clustering_model(weak, training=training), self.clustering_model(strong, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        return self_label_loss(y_pred[0], y_pred[1], self.threshold)
+        weak_probabilities, strong_probabilities = gather_replicas(y_pred[0]), gather_replicas(y_pred[1])
+        return replica_share(self_label_loss(weak_probabilities, strong_probabilities, self.threshold))
 
 
 def train_self_labeling(
@@ -2156,6 +2285,25 @@ def main(argv=None):
     print(
         f"Keras {keras.__version__}, backend {describe_devices(gpus)}, {settings.mixed_precision}, recipe {settings.recipe}"
     )
+    if not resolve_distribution(settings.distribution, len(gpus)):
+        return train_and_evaluate(settings, gpus, num_devices=1)
+    if keras.backend.backend() == "tensorflow" and settings.steps_per_execution > 1:
+        raise UsageError(
+            f"--steps_per_execution={settings.steps_per_execution}: TensorFlow's MirroredStrategy runs one step per "
+            "call; set 1, or use KERAS_BACKEND=jax"
+        )
+    engine, num_devices = start_data_parallel(keras.backend.backend())
+    check_divisible("batch_size", settings.batch_size, num_devices)
+    print(
+        f"data-parallel over {num_devices} devices (global batch {settings.batch_size}, "
+        f"{settings.batch_size // num_devices} per device)"
+    )
+    with engine.scope():
+        return train_and_evaluate(settings, gpus, num_devices)
+
+
+def train_and_evaluate(settings, gpus, num_devices):
+    """The stages, in the tutorial's order, on `num_devices` devices; returns the metrics."""
     stage_times = StageTimes(CompilationLog())
 
     with stage_times.stage("data"):
@@ -2166,9 +2314,11 @@ def main(argv=None):
             dataset, eval_set = split_holdout(dataset, settings.holdout_images, settings.seed)
         elif settings.eval_data:
             eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
-        validate_against_data(settings, len(dataset.images))
-        # A batch of predictions larger than the data would only be padding.
-        settings.embedding_batch_size = min(settings.embedding_batch_size, len(dataset.images))
+        validate_against_data(settings, len(dataset.images), num_devices)
+        # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
+        settings.embedding_batch_size = min(
+            settings.embedding_batch_size, -(-len(dataset.images) // num_devices) * num_devices
+        )
         x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
         print(f"data: {dataset.source}")
         print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
@@ -2397,6 +2547,7 @@ def main(argv=None):
         data=dataset.source,
         images=len(x_data),
         backend=describe_devices(gpus),
+        devices=num_devices,
         neighbour_purity=purity,
         splits=splits,
         losses={
