@@ -511,23 +511,29 @@ def resolve_distribution(setting, num_gpus):
 
 @functools.cache  # Once per process: a second TensorFlow strategy's collectives would clash with the first's.
 def start_data_parallel(backend):
-    """Spreads training over every device the engine sees: returns (the engine, whose `scope()` the models are built,
-    trained and used in; the number of devices). Several hosts: JAX joins them through
-    `keras.distribution.initialize()` when KERAS_DISTRIBUTION_JOB_ADDRESSES is set, TensorFlow through
-    MultiWorkerMirroredStrategy when TF_CONFIG is."""
+    """Spreads training over every device of this machine: returns (the engine, whose `scope()` the models are
+    built, trained and used in; the number of devices)."""
     if backend == "jax":
-        if os.environ.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
-            keras.distribution.initialize()
         devices = keras.distribution.list_devices()
         return keras.distribution.DataParallel(devices=devices), len(devices)
     import tensorflow as tf
 
-    if os.environ.get("TF_CONFIG"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    else:
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
     return strategy, strategy.num_replicas_in_sync
+
+
+def check_one_machine(environment):
+    """Refuses the settings that ask the engines to join several machines (TF_CONFIG for TensorFlow's
+    MultiWorkerMirroredStrategy, KERAS_DISTRIBUTION_JOB_ADDRESSES for `keras.distribution.initialize()`), rather
+    than train each machine on its own: each would need to feed only its share of every global batch, and the
+    predictions would need gathering from every machine, which this script does not do yet."""
+    several = [name for name in ("TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES") if environment.get(name)]
+    if several:
+        raise UsageError(
+            f"{several[0]} is set, but training over several machines is not supported yet; unset it to train on "
+            "this machine's devices (or set --distribution=none)"
+        )
 
 
 def check_divisible(name, value, num_devices):
@@ -2285,6 +2291,8 @@ def main(argv=None):
     print(
         f"Keras {keras.__version__}, backend {describe_devices(gpus)}, {settings.mixed_precision}, recipe {settings.recipe}"
     )
+    if settings.distribution != "none":
+        check_one_machine(os.environ)
     if not resolve_distribution(settings.distribution, len(gpus)):
         return train_and_evaluate(settings, gpus, num_devices=1)
     if keras.backend.backend() == "tensorflow" and settings.steps_per_execution > 1:

@@ -64,3 +64,10 @@ def test_a_batch_that_does_not_split_names_the_nearest_that_do(value, devices, n
     message = f"--batch_size={value}: data-parallel over {devices} devices needs a multiple of {devices}; use {nearest}"
     with pytest.raises(scan.UsageError, match=f"^{re.escape(message)}$"):
         scan.check_divisible("batch_size", value, devices)
+
+
+def test_several_machines_are_refused_rather_than_trained_apart():
+    scan.check_one_machine({"CUDA_VISIBLE_DEVICES": "0,1"})  # one machine: nothing to refuse
+    for name in ["TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES"]:
+        with pytest.raises(scan.UsageError, match=f"^{name} is set, but training over several machines is not"):
+            scan.check_one_machine({name: "10.0.0.1:1234"})

@@ -34,7 +34,8 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
             for stage, compiled in json.loads((output_dir / "metrics.json").read_text())["compilations"].items()
         }
         assert steps["representation_learning"] == steps["clustering"] == {"train_step": 1}
-        assert steps["neighbours"] == steps["cluster_analysis"] == {"predict_step": 1}
+        assert steps["cluster_analysis"] == {"predict_step": 1}
+        assert steps["neighbours"] == {"predict_step": 2}  # the encoder's embeddings, then the mining of all anchors
     else:
         assert "training images: 0 MiB, copied batch by batch" in out
     assert "x_data shape: (24, 32, 32, 3) - y_data shape: (24,)" in out

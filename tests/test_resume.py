@@ -73,12 +73,15 @@ def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_
     assert all(cache_files(tmp_path / "out")[name] > modified for name, modified in after_first.items())
 
 
-def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path):
+# Also data-parallel over two virtual devices on JAX: the checkpoint of the replicated weights resumes the same way.
+@pytest.mark.parametrize("backend, data_parallel", [("tensorflow", False), ("jax", True)])
+def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path, backend, data_parallel):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=200", *TINY[3:],
-            "--checkpoint_seconds=3"]  # fmt: skip
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
+            "--checkpoint_seconds=3", f"--distribution={'data_parallel' if data_parallel else 'none'}"]  # fmt: skip
+    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"} if data_parallel else {}
+    environment = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1", **devices}
     process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     lines = []
@@ -104,8 +107,9 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path)
     trained = completed()
     assert saved < trained  # killed between two checkpoints: epochs after the last one were lost
 
-    resumed = run_script(args, cwd=tmp_path)
+    resumed = run_script(args, cwd=tmp_path, backend=backend, env=devices)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ("data-parallel over 2 devices (global batch 8, 4 per device)" in resumed.stdout) == data_parallel
     match = re.search(r"representation learning: resuming after epoch (\d+) of 200", resumed.stdout)
     assert match and saved <= int(match.group(1)) < trained
     assert f"Epoch {int(match.group(1)) + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
