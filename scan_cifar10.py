@@ -20,7 +20,8 @@ Run:
 
 Edit the constants below, or override any of them as `--name=value`. Figures and `metrics.json` land in
 OUTPUT_DIR. Finished stages are cached there and interrupted training resumes: run the same command again.
-The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`.
+The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`. With several GPUs,
+every stage runs data-parallel over all of them (DISTRIBUTION), BATCH_SIZE being the global batch.
 
 Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 - the tutorial's defaults (60,000 images, 50 + 50 epochs), `KERAS_BACKEND=jax python scan_cifar10.py
