@@ -949,7 +949,7 @@ class RowBatches(keras.utils.PyDataset):
         self.neighbour_indices = neighbour_indices
         self.sample_one_neighbour = sample_one_neighbour
         self.seed, self.epoch = seed, 0
-        self.order = np.random.default_rng([seed, 0]).permutation(num_rows).astype("int32")
+        self.order = self.shuffled_rows()
 
     def __len__(self):
         return self.num_rows // self.batch_size
@@ -968,9 +968,13 @@ class RowBatches(keras.utils.PyDataset):
         targets = np.ones(len(anchors), dtype="float32")
         return {"anchors": take(anchors), "neighbours": take(neighbours)}, (targets, targets)
 
+    def shuffled_rows(self):
+        """This epoch's order of the rows, drawn from the seed and the epoch alone."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows).astype("int32")
+
     def on_epoch_end(self):
         self.epoch += 1
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows).astype("int32")
+        self.order = self.shuffled_rows()
 
 
 def predict_in_full_batches(model, inputs, batch_size, verbose=0):
@@ -2325,9 +2329,8 @@ def train_and_evaluate(settings, gpus, num_devices):
             eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
         validate_against_data(settings, len(dataset.images), num_devices)
         # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
-        settings.embedding_batch_size = min(
-            settings.embedding_batch_size, -(-len(dataset.images) // num_devices) * num_devices
-        )
+        whole_batches = math.ceil(len(dataset.images) / num_devices) * num_devices
+        settings.embedding_batch_size = min(settings.embedding_batch_size, whole_batches)
         x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
         print(f"data: {dataset.source}")
         print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)

@@ -53,6 +53,19 @@ def test_clustering_batches_give_each_anchor_its_own_neighbours(sample_one_neigh
     assert len(targets) == 2 and all(target.shape == (5,) for target in targets)
 
 
+def test_a_batch_read_twice_is_the_same_batch_and_each_epoch_draws_anew():
+    # Keras reads the first batch once more to learn its shapes; the draws must not depend on how often it reads.
+    neighbour_indices = np.random.default_rng(5).integers(0, 40, size=(40, 6))
+    batches = scan.RowBatches(40, 8, seed=6, neighbour_indices=neighbour_indices, sample_one_neighbour=True)
+    first, again = batches[0][0], batches[0][0]
+    np.testing.assert_array_equal(first["neighbours"], again["neighbours"])
+    epoch_0 = [batches[index][0]["neighbours"] for index in range(len(batches))]
+    batches.on_epoch_end()
+    epoch_1 = [batches[index][0]["neighbours"] for index in range(len(batches))]
+    assert not np.array_equal(batches.order, scan.RowBatches(40, 8, seed=6).order)  # a new order each epoch
+    assert not all(np.array_equal(a, b) for a, b in zip(epoch_0, epoch_1, strict=True))
+
+
 def test_device_rows_gather_like_numpy_and_stay_out_of_checkpoints(tmp_path):
     rows = np.random.default_rng(5).integers(0, 256, size=(50, 4, 4, 3), dtype=np.uint8)
     device_rows = scan.DeviceRows(rows)
