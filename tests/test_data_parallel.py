@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import scan_cifar10 as scan
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, run_script
 
 TINY = ["--recipe=cpu", "--holdout_images=6", "--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1",
         "--self_label_epochs=0", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
@@ -71,3 +71,14 @@ def test_several_machines_are_refused_rather_than_trained_apart():
     for name in ["TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES"]:
         with pytest.raises(scan.UsageError, match=f"^{name} is set, but training over several machines is not"):
             scan.check_one_machine({name: "10.0.0.1:1234"})
+
+
+def test_tensorflow_data_parallel_takes_one_step_per_call(tmp_path):
+    result = run_script(
+        ["--distribution=data_parallel", "--steps_per_execution=2", f"--output_dir={tmp_path / 'out'}"], cwd=tmp_path
+    )
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --steps_per_execution=2: TensorFlow's MirroredStrategy runs one step per call; set 1, or use "
+        "KERAS_BACKEND=jax"
+    )
