@@ -38,12 +38,15 @@ def build(stage):
     """The stage's learner, built, and the function that trains it for one step of the whole batch."""
     augmentation = scan.ImageAugmentation("simclr", seed=1)
     batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
-    if stage == "representation":
+    if stage.startswith("representation"):
+        # "representation_on_device": the images held on the devices (DATA_ON_DEVICE), the batches their indices.
+        rows = scan.DeviceRows(IMAGES) if stage == "representation_on_device" else None
         learner = scan.RepresentationLearner(
             scan.create_encoder("small", 16), 8, 2, scan.create_data_preprocessing(SIZE, IMAGES), augmentation,
-            temperature=0.5, projection_head="mlp", contrastive_loss="ntxent",
+            temperature=0.5, projection_head="mlp", contrastive_loss="ntxent", rows=rows,
         )  # fmt: skip
-        learner(IMAGES[:2])
+        learner(np.arange(2) if rows else IMAGES[:2])
+        batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=None if rows else IMAGES)
         return learner, lambda folder: scan.train_representation_learner(
             learner, batches, 1, 0.05, 0, 0.0, 0, 0.0, 1, 0, folder
         )
@@ -77,7 +80,7 @@ def data_parallel():
 
 
 report = {"devices": scan.start_data_parallel(keras.backend.backend())[1]}
-for stage in ["representation", "clustering", "self_labeling"]:
+for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
     before, one, one_history = one_step(stage, contextlib.nullcontext())
     _, two, two_history = one_step(stage, data_parallel(), initial_weights=before)
     report[stage] = {

@@ -32,7 +32,7 @@ def test_two_devices_train_as_one_and_mine_the_same_neighbours(tmp_path, backend
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 2
-    for stage in ["representation", "clustering", "self_labeling"]:
+    for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
         one, two = report[stage]["losses"]
         assert one.keys() == two.keys() and one, stage
         for name in one:
