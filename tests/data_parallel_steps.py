@@ -37,7 +37,6 @@ def clustering_model(num_heads):
 def build(stage):
     """The stage's learner, built, and the function that trains it for one step of the whole batch."""
     augmentation = scan.ImageAugmentation("simclr", seed=1)
-    batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
     if stage.startswith("representation"):
         # "representation_on_device": the images held on the devices (DATA_ON_DEVICE), the batches their indices.
         rows = scan.DeviceRows(IMAGES) if stage == "representation_on_device" else None
@@ -60,6 +59,7 @@ def build(stage):
         )
     learner = scan.SelfLabelLearner(clustering_model(1), scan.ImageAugmentation("weak", seed=2), augmentation, 0.34)
     learner(IMAGES[:2])
+    batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
     return learner, lambda folder: scan.train_self_labeling(learner, batches, 1, 0.05, 0.0, 1, 0, folder)
 
 
