@@ -2509,10 +2509,26 @@ def train_and_evaluate(settings, gpus, num_devices):
         )
         plot_loss_history(clustering_history, output_path("clustering_loss.png"))
 
-    self_label_history = {}
+    self_label_history, before_self_labeling = {}, None
     if settings.self_label_epochs:
         print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
         with stage_times.stage("self_labeling"):
+            # SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss) shows.
+            split, images, labels, names = (
+                ("train", x_data, y_data, classes) if eval_set is None else ("eval", *eval_set[:3])
+            )
+            if labels is not None:
+                probabilities = predict_in_full_batches(clustering_model, images, settings.embedding_batch_size)
+                assignments = assign_clusters(probabilities)[0]
+                before_self_labeling = clustering_scores(assignments, labels, settings.num_clusters, len(names))
+                del before_self_labeling["matching"]
+                before_self_labeling["cluster_sizes"] = np.bincount(
+                    assignments, minlength=settings.num_clusters
+                ).tolist()
+                print(
+                    f"self-labeling starts from: {split} split accuracy {before_self_labeling['acc']:.2%}, "
+                    f"NMI {before_self_labeling['nmi']:.4f}, ARI {before_self_labeling['ari']:.4f}"
+                )
             augmentations = (None, None)  # Cached features: no augmentation can vary them.
             if cached_features is None:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
                 for layer in encoder.layers:
@@ -2562,6 +2578,7 @@ def train_and_evaluate(settings, gpus, num_devices):
         devices=num_devices,
         neighbour_purity=purity,
         splits=splits,
+        before_self_labeling=before_self_labeling,
         losses={
             "representation": representation_history["loss"],
             "clustering": clustering_history,
@@ -2586,10 +2603,14 @@ def run_self_labeling(clustering_model, inputs, device_rows, augmentations, sett
     """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
     `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None
     for features). Returns the history."""
-    confidence = np.max(predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size), axis=-1)
-    confident = int(np.sum(confidence > settings.self_label_threshold))
+    probabilities = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
+    is_confident = np.max(probabilities, axis=-1) > settings.self_label_threshold
+    confident = int(np.sum(is_confident))
+    # A cluster without a confident image has no pseudo-label to learn: self-labeling can only shrink it.
+    confident_clusters = len(np.unique(np.argmax(probabilities[is_confident], axis=-1)))
     print(
-        f"self-labeling: {confident} of {len(inputs)} images are more than {settings.self_label_threshold:.0%} confident"
+        f"self-labeling: {confident} of {len(inputs)} images are more than {settings.self_label_threshold:.0%} "
+        f"confident, in {confident_clusters} of {probabilities.shape[-1]} clusters"
     )
     if not confident:
         print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")

@@ -110,7 +110,11 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
         r"^clustering: kept head \d+ of 10, whose SCAN loss -?[\d.]+ is the lowest", out, flags=re.MULTILINE
     )
     assert "## Self-labeling: 1 epochs" in out
-    assert re.search(r"^self-labeling: \d+ of 24 images are more than 34% confident$", out, flags=re.MULTILINE)
+    assert re.search(
+        r"^self-labeling: \d+ of 24 images are more than 34% confident, in [0-3] of 3 clusters$",
+        out,
+        flags=re.MULTILINE,
+    )
     assert re.search(
         r"^eval split \(held-out images\): accuracy [\d.]+% \(one-to-one Hungarian mapping\)", out, flags=re.MULTILINE
     )
@@ -118,6 +122,9 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
         r"RESULT split=eval images=6 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", out.strip().splitlines()[-1]
     )
     metrics = json.loads((output_dir / "metrics.json").read_text())
+    # The held-out accuracy of the clustering model before self-labeling, as printed.
+    before = re.search(r"^self-labeling starts from: eval split accuracy ([\d.]+)%, NMI", out, flags=re.MULTILINE)
+    assert before and float(before.group(1)) == round(100 * metrics["before_self_labeling"]["acc"], 2)
     assert metrics["settings"]["encoder"] == {"gpu": "resnet18", "cpu": "small"}[recipe]
     assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
@@ -135,9 +142,10 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert steps["representation_learning"] == {"train_step": 1}
     # Two models predict once each: the encoder, for the features to cache, and the heads, to rank them.
     assert steps["clustering"] == {"train_step": 1, "predict_step": 2}
-    assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 1} if self_labeled else {"predict_step": 1})
-    # The train split (24 images) and the eval split (6) share the clustering model's one prediction step.
-    assert steps["cluster_analysis"] == {"predict_step": 1}
+    # Two models predict once each: the clustering model, for the accuracy before self-labeling, and the head.
+    assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 2} if self_labeled else {"predict_step": 2})
+    # Both splits then reuse the clustering model's one prediction step: the analysis compiles nothing.
+    assert "cluster_analysis" not in steps and "preprocessing" in steps
     assert all(compiled["from_cache"] == 0 for compiled in metrics["compilations"].values())
 
     again = run_script([*args, "--resume=false"], cwd=tmp_path, backend=backend)
