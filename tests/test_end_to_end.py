@@ -83,7 +83,8 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
 
 # On JAX the cpu recipe's run also shows that each training step and each model's prediction compiles once, and
 # that a second run loads every program from the compilation cache.
-@pytest.mark.parametrize("recipe, backend", [("gpu", "jax"), ("cpu", "tensorflow"), ("cpu", "jax")])
+# gpu and cpu cluster and self-label on cached features; scan tunes the encoder and self-labels images.
+@pytest.mark.parametrize("recipe, backend", [("gpu", "jax"), ("scan", "jax"), ("cpu", "tensorflow"), ("cpu", "jax")])
 def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
@@ -125,7 +126,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     # The held-out accuracy of the clustering model before self-labeling, as printed.
     before = re.search(r"^self-labeling starts from: eval split accuracy ([\d.]+)%, NMI", out, flags=re.MULTILINE)
     assert before and float(before.group(1)) == round(100 * metrics["before_self_labeling"]["acc"], 2)
-    assert metrics["settings"]["encoder"] == {"gpu": "resnet18", "cpu": "small"}[recipe]
+    assert metrics["settings"]["encoder"] == {"gpu": "resnet18", "scan": "resnet18", "cpu": "small"}[recipe]
     assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1
