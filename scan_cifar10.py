@@ -502,7 +502,8 @@ batch. TensorFlow runs a copy of the step on each replica (`tf.distribute.Mirror
 gradients, so there the parts of a step that look at the whole batch gather it from every replica: the
 contrastive, entropy and self-label losses, batch normalisation and the augmentations' random draws. The
 functions below are the only engine-specific code of the training steps; off TensorFlow's replicas they change
-nothing.
+nothing. Several machines join on JAX alone (`keras.distribution.initialize()`): each process feeds its own part of
+every batch and receives every prediction.
 """
 
 
@@ -518,8 +519,10 @@ def start_data_parallel(backend):
     """Spreads training over every device of this machine: returns (the engine, whose `scope()` the models are
     built, trained and used in; the number of devices)."""
     if backend == "jax":
+        # Every device of every process; each process feeds its own part of each batch (RowBatches), not a shard of
+        # a dataset that Keras would split.
         devices = keras.distribution.list_devices()
-        return keras.distribution.DataParallel(devices=devices), len(devices)
+        return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False), len(devices)
     import tensorflow as tf
 
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
@@ -527,17 +530,51 @@ def start_data_parallel(backend):
     return strategy, strategy.num_replicas_in_sync
 
 
-def check_one_machine(environment):
-    """Refuses the settings that ask the engines to join several machines (TF_CONFIG for TensorFlow's
-    MultiWorkerMirroredStrategy, KERAS_DISTRIBUTION_JOB_ADDRESSES for `keras.distribution.initialize()`), rather
-    than train each machine on its own: each would need to feed only its share of every global batch, and the
-    predictions would need gathering from every machine, which this script does not do yet."""
-    several = [name for name in ("TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES") if environment.get(name)]
-    if several:
+def join_machines(environment, backend):
+    """Joins the processes of several machines into one JAX job when KERAS_DISTRIBUTION_JOB_ADDRESSES (with
+    KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID) asks, through `keras.distribution.initialize()`;
+    returns this process's (index, count). Runs before any JAX computation, as JAX requires. Refuses TF_CONFIG: Keras
+    3's `fit` does not run under TensorFlow's MultiWorkerMirroredStrategy (README, "Several machines")."""
+    if environment.get("TF_CONFIG"):
         raise UsageError(
-            f"{several[0]} is set, but training over several machines is not supported yet; unset it to train on "
-            "this machine's devices (or set --distribution=none)"
+            "TF_CONFIG is set, but Keras 3 cannot train under TensorFlow's MultiWorkerMirroredStrategy; unset it, and "
+            "for several machines use KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES"
         )
+    if not environment.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+        return 0, 1
+    if backend != "jax":
+        raise UsageError(
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but several machines train together on JAX only; set "
+            "KERAS_BACKEND=jax (or unset it to train on this machine)"
+        )
+    keras.distribution.initialize()
+    return this_process()
+
+
+def this_process():
+    """(index, count) of this process among those that train together: several with JAX on several machines."""
+    if keras.backend.backend() != "jax":
+        return 0, 1
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def process_share(rows, process):
+    """The rows of a global batch that `process` (index, count) feeds: each process feeds its own equal part."""
+    index, count = process
+    share = len(rows) // count
+    return rows[index * share : (index + 1) * share]
+
+
+class ReplicatedOutputs(layers.Layer):
+    """Copies a data-parallel output to every device, so that each process of several can read all of it."""
+
+    def call(self, outputs):
+        layout = keras.distribution.TensorLayout(
+            [None] * len(outputs.shape), keras.distribution.distribution().device_mesh
+        )
+        return keras.distribution.distribute_tensor(outputs, layout)
 
 
 def check_divisible(name, value, num_devices):
@@ -939,13 +976,23 @@ class RowBatches(keras.utils.PyDataset):
     A batch is the rows' indices, or with `rows` (rows fed from the host) the rows themselves. With
     `neighbour_indices` [num_rows, K] each anchor comes with its neighbours, all of them (the tutorial) or with
     `sample_one_neighbour` one drawn at random (SCAN), as the inputs "anchors" and "neighbours" of the clustering
-    learner, and targets that its losses ignore.
+    learner, and targets that its losses ignore. With several processes (`process`: this one's index and their
+    count, JAX's by default), each yields only its own part of every batch.
     """
 
     def __init__(
-        self, num_rows, batch_size, seed, rows=None, neighbour_indices=None, sample_one_neighbour=False, **kwargs
+        self,
+        num_rows,
+        batch_size,
+        seed,
+        rows=None,
+        neighbour_indices=None,
+        sample_one_neighbour=False,
+        process=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
+        self.process = process or this_process()  # (index, count) among the processes that train together
         self.num_rows = num_rows
         self.batch_size = min(batch_size, num_rows)
         self.rows = rows
@@ -958,6 +1005,12 @@ class RowBatches(keras.utils.PyDataset):
         return self.num_rows // self.batch_size
 
     def __getitem__(self, index):
+        """Batch `index`: the global batch, or with several processes (`process`) this one's part of it."""
+        if self.process[1] == 1:
+            return self.global_batch(index)
+        return keras.tree.map_structure(lambda rows: process_share(rows, self.process), self.global_batch(index))
+
+    def global_batch(self, index):
         anchors = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         take = (lambda indices: indices) if self.rows is None else (lambda indices: self.rows[indices])  # noqa: E731
         if self.neighbour_indices is None:
@@ -982,9 +1035,17 @@ class RowBatches(keras.utils.PyDataset):
 
 def predict_in_full_batches(model, inputs, batch_size, verbose=0):
     """`model.predict` with the last batch padded to `batch_size` (and its padding cut from the outputs), so that one
-    compiled prediction step serves every call of the model."""
+    compiled prediction step serves every call of the model. Several processes each feed their part of every batch
+    and each receive every output."""
     padding = -len(inputs) % batch_size
     padded = np.concatenate([inputs, np.zeros((padding, *inputs.shape[1:]), inputs.dtype)]) if padding else inputs
+    index, count = this_process()
+    if count > 1:
+        batches = padded.reshape(-1, batch_size, *inputs.shape[1:])
+        padded = np.concatenate([process_share(batch, (index, count)) for batch in batches])
+        batch_size //= count
+        model_inputs = keras.Input(inputs.shape[1:])
+        model = keras.Model(model_inputs, ReplicatedOutputs()(model(model_inputs)))
     return model.predict(padded, batch_size=batch_size, verbose=verbose)[: len(inputs)]
 
 
@@ -2291,6 +2352,9 @@ def main(argv=None):
     defaults = {name: globals()[name] for name in comments}
     settings = parse_settings(argv, defaults, comments, RECIPES, tuple(CIFAR10_SPLITS), renamed_recipes=RENAMED_RECIPES)
     validate_settings(settings, CHOICES)
+    process = (0, 1) if settings.distribution == "none" else join_machines(os.environ, keras.backend.backend())
+    if process[1] > 1:  # Each process keeps its own results and stage cache, so that a rerun on each resumes.
+        settings.output_dir = os.path.join(settings.output_dir, f"process-{process[0]}")
     check_output_dir(settings.output_dir)
     gpus = find_gpus()
     settings.mixed_precision = resolve_mixed_precision(settings.mixed_precision, gpus)
@@ -2299,9 +2363,7 @@ def main(argv=None):
     print(
         f"Keras {keras.__version__}, backend {describe_devices(gpus)}, {settings.mixed_precision}, recipe {settings.recipe}"
     )
-    if settings.distribution != "none":
-        check_one_machine(os.environ)
-    if not resolve_distribution(settings.distribution, len(gpus)):
+    if process[1] == 1 and not resolve_distribution(settings.distribution, len(gpus)):
         return train_and_evaluate(settings, gpus, num_devices=1)
     if keras.backend.backend() == "tensorflow" and settings.steps_per_execution > 1:
         raise UsageError(
@@ -2310,8 +2372,9 @@ def main(argv=None):
         )
     engine, num_devices = start_data_parallel(keras.backend.backend())
     check_divisible("batch_size", settings.batch_size, num_devices)
+    processes = f" in {process[1]} processes" if process[1] > 1 else ""
     print(
-        f"data-parallel over {num_devices} devices (global batch {settings.batch_size}, "
+        f"data-parallel over {num_devices} devices{processes} (global batch {settings.batch_size}, "
         f"{settings.batch_size // num_devices} per device)"
     )
     with engine.scope():

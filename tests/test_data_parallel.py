@@ -4,6 +4,7 @@ one step of each stage gives the loss and weights of one device, mining the same
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 import scan_cifar10 as scan
-from conftest import REPO, make_image_folder, run_script
+from conftest import REPO, SCRIPT, make_image_folder, run_script
 
 TINY = ["--recipe=cpu", "--holdout_images=6", "--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1",
         "--self_label_epochs=0", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
@@ -66,11 +67,94 @@ def test_a_batch_that_does_not_split_names_the_nearest_that_do(value, devices, n
         scan.check_divisible("batch_size", value, devices)
 
 
-def test_several_machines_are_refused_rather_than_trained_apart():
-    scan.check_one_machine({"CUDA_VISIBLE_DEVICES": "0,1"})  # one machine: nothing to refuse
-    for name in ["TF_CONFIG", "KERAS_DISTRIBUTION_JOB_ADDRESSES"]:
-        with pytest.raises(scan.UsageError, match=f"^{name} is set, but training over several machines is not"):
-            scan.check_one_machine({name: "10.0.0.1:1234"})
+def test_tensorflow_multi_worker_is_refused_and_one_machine_joins_nothing():
+    assert scan.join_machines({"CUDA_VISIBLE_DEVICES": "0,1"}, "jax") == (0, 1)  # one machine: nothing to join
+    with pytest.raises(scan.UsageError, match="^TF_CONFIG is set, but Keras 3 cannot train under TensorFlow's Multi"):
+        scan.join_machines({"TF_CONFIG": '{"cluster": {}}'}, "tensorflow")
+    with pytest.raises(
+        scan.UsageError, match="^KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but .* on JAX only; set KERAS"
+    ):
+        scan.join_machines({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}, "tensorflow")
+
+
+def test_each_process_feeds_its_own_part_of_every_global_batch():
+    rows = np.arange(40).reshape(20, 2)
+    neighbour_indices = (np.arange(20)[:, None] + np.arange(1, 4)) % 20
+    whole = scan.RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(0, 1))
+    parts = [
+        scan.RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(index, 2))
+        for index in (0, 1)
+    ]
+    for batch in range(len(whole)):
+        (inputs, targets), halves = whole[batch], [part[batch] for part in parts]
+        for name in ["anchors", "neighbours"]:
+            np.testing.assert_array_equal(np.concatenate([half[0][name] for half in halves]), inputs[name])
+            assert len(halves[0][0][name]) == 4
+        np.testing.assert_array_equal(np.concatenate([half[1][0] for half in halves]), targets[0])
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(args, cwd):
+    """The script in two JAX processes joined by keras.distribution.initialize(), as on two machines."""
+    port, started = free_port(), []
+    for index in range(2):
+        environment = {
+            **os.environ, "KERAS_BACKEND": "jax", "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port}",
+            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2", "KERAS_DISTRIBUTION_PROCESS_ID": str(index),
+        }  # fmt: skip
+        started.append(
+            subprocess.Popen(
+                [sys.executable, SCRIPT, *args],
+                cwd=cwd,
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+        )
+    finished = [process.communicate(timeout=600) for process in started]
+    for process, (_, stderr) in zip(started, finished, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    return [stdout for stdout, _ in finished]
+
+
+def test_two_processes_train_as_one_process_on_two_devices_and_resume(tmp_path):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
+    args = [f"--data={folder}", *TINY, "--self_label_epochs=1", "--self_label_threshold=0.34"]
+    one = run_script(
+        [*args, "--distribution=data_parallel", f"--output_dir={tmp_path / 'one'}"], cwd=tmp_path, backend="jax",
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    outputs = run_two_processes([*args, f"--output_dir={tmp_path / 'two'}"], cwd=tmp_path)
+    for index, output in enumerate(outputs):
+        assert "data-parallel over 2 devices in 2 processes (global batch 8, 4 per device)" in output
+        # Each process gets every prediction, so each reports the whole run, the same as one process on two devices.
+        assert output.strip().splitlines()[-1] == one.stdout.strip().splitlines()[-1]
+        assert f"figures and metrics.json are in {tmp_path / 'two' / f'process-{index}'}" in output
+        metrics = json.loads((tmp_path / "two" / f"process-{index}" / "metrics.json").read_text())
+        assert metrics["devices"] == 2 and metrics["neighbour_purity"] == expected["neighbour_purity"]
+        assert metrics["splits"] == expected["splits"]
+        for stage, losses in expected["losses"].items():
+            for name, values in losses.items() if isinstance(losses, dict) else [("loss", losses)]:
+                got = (
+                    metrics["losses"][stage]
+                    if name == "loss" and stage == "representation"
+                    else metrics["losses"][stage][name]
+                )
+                np.testing.assert_allclose(got, values, rtol=1e-6, err_msg=f"{stage} {name}")
+    # Run again, each process finds its own finished stages.
+    for index, output in enumerate(run_two_processes([*args, f"--output_dir={tmp_path / 'two'}"], cwd=tmp_path)):
+        assert (
+            "self-labeling: done before" in output
+            and output.strip().splitlines()[-1] == outputs[index].strip().splitlines()[-1]
+        )
 
 
 def test_tensorflow_data_parallel_takes_one_step_per_call(tmp_path):
