@@ -2081,18 +2081,27 @@ def plot_confusion_matrix(counts, class_names, matching, title, path):
     save_figure(figure, path)
 
 
-def evaluate_split(split, description, clustering_probs, labels, class_names, output_path):
-    """Prints the SCAN metrics of one split and saves its confusion matrix; returns the metrics."""
+def split_metrics(clustering_probs, labels, class_names):
+    """A split's image count and cluster sizes, and with `labels` its SCAN metrics (clustering_scores); returns them
+    and each image's cluster."""
     num_clusters = clustering_probs.shape[1]
     cluster_assignments, _ = assign_clusters(clustering_probs)
     metrics = {
         "images": len(clustering_probs),
         "cluster_sizes": np.bincount(cluster_assignments, minlength=num_clusters).tolist(),
     }
+    if labels is not None:
+        metrics.update(clustering_scores(cluster_assignments, labels, num_clusters, len(class_names)))
+    return metrics, cluster_assignments
+
+
+def evaluate_split(split, description, clustering_probs, labels, class_names, output_path):
+    """Prints the SCAN metrics of one split and saves its confusion matrix; returns the metrics."""
+    num_clusters = clustering_probs.shape[1]
+    metrics, cluster_assignments = split_metrics(clustering_probs, labels, class_names)
     if labels is None:
         print(f"{split} split ({description}): no labels, so no accuracy")
         return metrics
-    metrics.update(clustering_scores(cluster_assignments, labels, num_clusters, len(class_names)))
     print(
         f"{split} split ({description}): accuracy {metrics['acc']:.2%} ({metrics['accuracy_mapping']} mapping), "
         f"NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f}"
@@ -2581,16 +2590,14 @@ def train_and_evaluate(settings, gpus, num_devices):
         with stage_times.stage("self_labeling"):
             # SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss) shows.
             split, images, labels, names = (
-                ("train", x_data, y_data, classes) if eval_set is None else ("eval", *eval_set[:3])
+                ("train", x_data, y_data, classes)
+                if eval_set is None
+                else ("eval", eval_set.images, eval_set.labels, eval_set.class_names)
             )
             if labels is not None:
                 probabilities = predict_in_full_batches(clustering_model, images, settings.embedding_batch_size)
-                assignments = assign_clusters(probabilities)[0]
-                before_self_labeling = clustering_scores(assignments, labels, settings.num_clusters, len(names))
+                before_self_labeling = split_metrics(probabilities, labels, names)[0]
                 del before_self_labeling["matching"]
-                before_self_labeling["cluster_sizes"] = np.bincount(
-                    assignments, minlength=settings.num_clusters
-                ).tolist()
                 print(
                     f"self-labeling starts from: {split} split accuracy {before_self_labeling['acc']:.2%}, "
                     f"NMI {before_self_labeling['nmi']:.4f}, ARI {before_self_labeling['ari']:.4f}"
