@@ -540,14 +540,22 @@ def join_machines(environment, backend):
             "TF_CONFIG is set, but Keras 3 cannot train under TensorFlow's MultiWorkerMirroredStrategy; unset it, and "
             "for several machines use KERAS_BACKEND=jax with KERAS_DISTRIBUTION_JOB_ADDRESSES"
         )
-    if not environment.get("KERAS_DISTRIBUTION_JOB_ADDRESSES"):
+    job_addresses = environment.get("KERAS_DISTRIBUTION_JOB_ADDRESSES")
+    if not job_addresses:
         return 0, 1
     if backend != "jax":
         raise UsageError(
             "KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but several machines train together on JAX only; set "
             "KERAS_BACKEND=jax (or unset it to train on this machine)"
         )
-    keras.distribution.initialize()
+    count, index = (environment.get(f"KERAS_DISTRIBUTION_{name}", "") for name in ("NUM_PROCESSES", "PROCESS_ID"))
+    if not (count.isdigit() and index.isdigit() and int(index) < int(count)):
+        raise UsageError(
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={count!r} and KERAS_DISTRIBUTION_PROCESS_ID={index!r}: with "
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES set, give every machine the number of processes and its own number "
+            "from 0 below it"
+        )
+    keras.distribution.initialize(job_addresses, int(count), int(index))
     return this_process()
 
 

@@ -75,6 +75,16 @@ def test_tensorflow_multi_worker_is_refused_and_one_machine_joins_nothing():
         scan.UsageError, match="^KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but .* on JAX only; set KERAS"
     ):
         scan.join_machines({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}, "tensorflow")
+    # Without both numbers, or with a process number that is not below the count, nothing tries to join.
+    for count, index in [(None, None), ("2", None), ("2", "2"), ("two", "0"), ("2", "-1")]:
+        environment = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}
+        environment.update({"KERAS_DISTRIBUTION_NUM_PROCESSES": count} if count else {})
+        environment.update({"KERAS_DISTRIBUTION_PROCESS_ID": index} if index else {})
+        message = (
+            f"KERAS_DISTRIBUTION_NUM_PROCESSES={count or ''!r} and KERAS_DISTRIBUTION_PROCESS_ID={index or ''!r}: "
+        )
+        with pytest.raises(scan.UsageError, match=f"^{re.escape(message)}with KERAS_DISTRIBUTION_JOB_ADDRESSES set"):
+            scan.join_machines(environment, "jax")
 
 
 def test_each_process_feeds_its_own_part_of_every_global_batch():
