@@ -1052,9 +1052,15 @@ def predict_in_full_batches(model, inputs, batch_size, verbose=0):
         batches = padded.reshape(-1, batch_size, *inputs.shape[1:])
         padded = np.concatenate([process_share(batch, (index, count)) for batch in batches])
         batch_size //= count
-        model_inputs = keras.Input(inputs.shape[1:])
-        model = keras.Model(model_inputs, ReplicatedOutputs()(model(model_inputs)))
+        model = with_replicated_outputs(model, inputs.shape[1:])
     return model.predict(padded, batch_size=batch_size, verbose=verbose)[: len(inputs)]
+
+
+@functools.cache  # One wrapper per model and input shape, so that its prediction step compiles once, as in one process.
+def with_replicated_outputs(model, input_shape):
+    """`model` with its outputs copied to every device (ReplicatedOutputs), for several processes to read."""
+    model_inputs = keras.Input(input_shape)
+    return keras.Model(model_inputs, ReplicatedOutputs()(model(model_inputs)))
 
 
 """
