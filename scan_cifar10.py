@@ -55,6 +55,7 @@ import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import NamedTuple
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -937,6 +938,45 @@ def split_holdout(dataset, holdout_images, seed):
     )
 
 
+class Data(NamedTuple):
+    """What the data stage gives every later one."""
+
+    train: Dataset  # the images every stage learns on
+    eval: Dataset | None  # the images evaluated on and never trained on, or None: the training images are evaluated
+    digest: str  # data_fingerprint of `train`, the start of every stage's fingerprint
+
+    def evaluated(self):
+        """The split that the last line reports: ("eval", held-out images) when there are some, else ("train", ...)."""
+        return ("train", self.train) if self.eval is None else ("eval", self.eval)
+
+
+def prepare_data(run):
+    """Loads DATA (and EVAL_DATA, or holds HOLDOUT_IMAGES out of it) and checks the settings against it: a mistake
+    shows here, before anything is written."""
+    settings = run.settings
+    subset_size = settings.max_images + settings.holdout_images if settings.max_images else 0
+    dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
+    eval_set = None
+    if settings.holdout_images:
+        dataset, eval_set = split_holdout(dataset, settings.holdout_images, settings.seed)
+    elif settings.eval_data:
+        eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
+    validate_against_data(settings, len(dataset.images), run.num_devices)
+    # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
+    whole_batches = math.ceil(len(dataset.images) / run.num_devices) * run.num_devices
+    settings.embedding_batch_size = min(settings.embedding_batch_size, whole_batches)
+    x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
+    print(f"data: {dataset.source}")
+    print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
+    if classes is not None:
+        print(f"{len(classes)} classes: {', '.join(classes)}")
+    if eval_set is not None:
+        print(f"evaluation data: {eval_set.source} (never trained on)")
+    else:
+        print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
+    return Data(dataset, eval_set, data_fingerprint(dataset))
+
+
 """
 ### Batches for the training steps
 
@@ -1316,6 +1356,32 @@ def plot_augmentations(image, title, data_augmentation, path):
     save_figure(figure, path)
 
 
+class Preprocessing(NamedTuple):
+    """What the preprocessing stage gives the learning stages."""
+
+    data_preprocessing: keras.Sequential  # resizes to TARGET_SIZE and normalises as the training images were
+    data_augmentation: layers.Layer  # AUGMENTATION's random views, for representation learning and clustering
+    image_rows: DeviceRows | None  # the training images held on the device, or None: copied batch by batch
+
+
+def prepare_preprocessing(run, data):
+    """Adapts the normalisation to the training images, creates the augmentation (saving augmentations.png to show
+    it), and holds the images on the device where DATA_ON_DEVICE says so."""
+    settings, x_data, y_data, classes = run.settings, data.train.images, data.train.labels, data.train.class_names
+    data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
+    data_augmentation = create_data_augmentation(settings.augmentation, settings.seed)
+    image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
+    title = classes[y_data[image_idx]] if classes else ""
+    plot_augmentations(x_data[image_idx], title, data_augmentation, run.output_path("augmentations.png"))
+    # The images every training stage learns on; None when each batch is copied from host memory.
+    image_rows = hold_on_device(x_data, settings.data_on_device)
+    print(
+        f"training images: {x_data.nbytes / 2**20:.0f} MiB, "
+        + ("held on the device, where each step gathers its batch" if image_rows else "copied batch by batch")
+    )
+    return Preprocessing(data_preprocessing, data_augmentation, image_rows)
+
+
 """
 ## Self-supervised representation learning
 
@@ -1650,6 +1716,72 @@ def plot_loss_history(histories, path):
 
 
 """
+### Train the model
+
+The stage: the contrastive learner trains the encoder, whose weights (with the projection head's) are cached, so
+a rerun with the same data and settings reuses them.
+"""
+
+
+class Representation(NamedTuple):
+    """What representation learning gives the later stages."""
+
+    encoder: keras.Model  # preprocessed images -> [batch_size, REPRESENTATION_DIM] features
+    projected_encoder: keras.Sequential  # the encoder, then SimCLR's projection head (MINING_FEATURES="projection")
+    history: dict  # {"loss": [contrastive loss per epoch]}
+
+
+def learn_representation(run, data, preprocessing):
+    """Trains the encoder with SimCLR's contrastive learner (or reuses the cached one); saves representation_loss.png.
+    The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs."""
+    settings, x_data, image_rows = run.settings, data.train.images, preprocessing.image_rows
+    encoder = create_encoder(settings.encoder, settings.representation_dim)
+    # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
+    view_preprocessing, view_augmentation = preprocessing.data_preprocessing, preprocessing.data_augmentation
+    if settings.view_size:
+        resize_views = layers.Resizing(settings.view_size, settings.view_size)
+        view_preprocessing = keras.Sequential([resize_views, preprocessing.data_preprocessing.layers[-1]])
+        view_augmentation = create_data_augmentation(settings.augmentation, settings.seed, settings.view_size)
+    representation_learner = RepresentationLearner(
+        encoder,
+        settings.projection_units,
+        settings.num_augmentations,
+        view_preprocessing,
+        view_augmentation,
+        temperature=settings.temperature,
+        dropout_rate=settings.dropout_rate,
+        l2_normalize=settings.l2_normalize,
+        projection_head=settings.projection_head,
+        contrastive_loss=settings.contrastive_loss,
+        rows=image_rows,
+    )
+    # Builds the projection head, so it can be restored.
+    representation_learner(np.arange(2) if image_rows else x_data[:2].astype("float32"))
+    projected_encoder = keras.Sequential([encoder, representation_learner.projector], name="projected_encoder")
+    history = run.cache.trained_model(
+        "representation",
+        run.fingerprints["representation"],
+        "representation learning",
+        projected_encoder,
+        lambda backup_dir: train_representation_learner(
+            representation_learner,
+            RowBatches(len(x_data), settings.batch_size, settings.seed, rows=None if image_rows else x_data),
+            settings.representation_epochs,
+            settings.representation_learning_rate,
+            settings.learning_rate_decay_steps,
+            settings.learning_rate_decay_alpha,
+            settings.warmup_epochs,
+            settings.weight_decay,
+            settings.steps_per_execution,
+            settings.checkpoint_seconds,
+            backup_dir,
+        ),
+    )
+    plot_loss_history({"contrastive loss": history["loss"]}, run.output_path("representation_loss.png"))
+    return Representation(encoder, projected_encoder, history)
+
+
+"""
 ## Compute the nearest neighbours
 
 ### Generate the embeddings for the images
@@ -1726,6 +1858,43 @@ def plot_neighbours(images, labels, class_names, neighbour_indices, anchors, pat
                 axis.set_title(class_names[labels[image_idx]])
             axis.axis("off")
     save_figure(figure, path)
+
+
+class Neighbours(NamedTuple):
+    """What the neighbours stage gives clustering and the report."""
+
+    feature_vectors: np.ndarray  # [num_images, dimensions]: the L2-normalised embeddings mined in
+    indices: np.ndarray  # [num_images, K_NEIGHBOURS]: each image's nearest neighbours, nearest first
+    purity: float | None  # the share of neighbours that share their anchor's label; None without labels
+
+
+def find_neighbours(run, data, preprocessing, representation):
+    """Embeds every training image and mines its K_NEIGHBOURS nearest neighbours (or reuses both from the cache);
+    prints their label purity and saves neighbours.png."""
+    settings, x_data, y_data = run.settings, data.train.images, data.train.labels
+    feature_vectors = run.cache.array(
+        "embeddings",
+        run.fingerprints["embeddings"],
+        "embeddings",
+        lambda: compute_embeddings(
+            representation.projected_encoder if settings.mining_features == "projection" else representation.encoder,
+            x_data,
+            settings.embedding_batch_size,
+            None if settings.embed_raw_pixels else preprocessing.data_preprocessing,
+        ),
+    )
+    neighbours = run.cache.array(
+        "neighbours",
+        run.fingerprints["neighbours"],
+        "neighbour mining",
+        lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
+    )
+    purity = None if y_data is None else neighbour_purity(neighbours, y_data)
+    if purity is not None:
+        print(f"neighbour purity: {purity:.2%} of the {settings.k_neighbours} neighbours share their anchor's label")
+    anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
+    plot_neighbours(x_data, y_data, data.train.class_names, neighbours, anchors, run.output_path("neighbours.png"))
+    return Neighbours(feature_vectors, neighbours, purity)
 
 
 """
@@ -1935,6 +2104,137 @@ def copy_head(heads, head, index):
 
 
 """
+### Train the model
+
+Two decisions shape the stage, each made in one place. What the head learns on (`choose_head_inputs`): the images,
+through the encoder and the augmentation, as in the tutorial; or, with CLUSTER_ON_FEATURES, the frozen encoder's
+features of the un-augmented images, computed once, so each step trains the head alone. How many heads
+(`create_clustering_models`): the tutorial's one, or NUM_HEADS side by side, of which the best is kept. Self-labeling
+learns on the same inputs.
+"""
+
+
+class HeadInputs(NamedTuple):
+    """What the clustering head learns on, in clustering and in self-labeling."""
+
+    on_features: bool  # True: the head alone learns, on the frozen encoder's cached features
+    inputs: np.ndarray  # [num_images, ...]: the training images, or their cached features
+    rows: DeviceRows | None  # `inputs` held on the device, or None: copied batch by batch
+    augmentation: layers.Layer | None  # the images' augmentation; None for features, which no augmentation varies
+
+
+def choose_head_inputs(run, data, preprocessing, representation, neighbours):
+    """The images (the tutorial), or with CLUSTER_ON_FEATURES the frozen encoder's features of the un-augmented
+    images: the embeddings, unless those were of raw pixels or of projections."""
+    settings = run.settings
+    if not settings.cluster_on_features:
+        return HeadInputs(False, data.train.images, preprocessing.image_rows, preprocessing.data_augmentation)
+    features = neighbours.feature_vectors
+    if settings.embed_raw_pixels or settings.mining_features == "projection":
+        features = compute_embeddings(
+            representation.encoder, data.train.images, settings.embedding_batch_size, preprocessing.data_preprocessing
+        )
+    return HeadInputs(True, features, hold_on_device(features, settings.data_on_device), None)
+
+
+class ClusteringModels(NamedTuple):
+    """The model the stage keeps, and what trains to make it."""
+
+    model: keras.Model  # the kept clustering model: images -> encoder -> one head -> [batch_size, num_clusters]
+    head: keras.Sequential  # its head
+    heads: keras.Sequential  # the heads that train: `head` itself, or NUM_HEADS side by side
+    training_model: keras.Model  # `heads`, behind the encoder unless the head inputs are features
+    self_labeling_model: keras.Model  # what self-labeling trains: `head` alone on features, else `model`
+
+
+def create_clustering_models(run, preprocessing, representation, head_inputs):
+    """The kept model with one head and, when NUM_HEADS > 1, the side-by-side heads that train in its place."""
+    settings, encoder = run.settings, representation.encoder
+    features = head_inputs.inputs if head_inputs.on_features else None
+    head = create_clustering_head(settings.num_clusters, features)
+    clustering_model = create_clustering_model(
+        encoder, head, settings.input_size, preprocessing.data_preprocessing, name="clustering"
+    )
+    # SCAN trains NUM_HEADS heads side by side, then keeps the one with the lowest loss; one is the tutorial's.
+    heads = head
+    if settings.num_heads > 1:
+        heads = create_clustering_head(settings.num_clusters, features, settings.num_heads)
+    if head_inputs.on_features:
+        return ClusteringModels(clustering_model, head, heads, heads, head)
+    training_model = clustering_model
+    if heads is not head:
+        training_model = create_clustering_model(encoder, heads, settings.input_size, preprocessing.data_preprocessing)
+    return ClusteringModels(clustering_model, head, heads, training_model, clustering_model)
+
+
+def keep_best_head(models, head_inputs, neighbour_indices, batch_size):
+    """Copies the trained head with the lowest SCAN loss into the kept model's head."""
+    probabilities = predict_in_full_batches(models.training_model, head_inputs.inputs, batch_size)
+    head_losses = scan_head_losses(probabilities, neighbour_indices)
+    best = int(np.argmin(head_losses))
+    print(
+        f"clustering: kept head {best + 1} of {len(head_losses)}, whose SCAN loss {head_losses[best]:.4f} "
+        f"is the lowest (the highest: {head_losses.max():.4f})"
+    )
+    copy_head(models.heads, models.head, best)
+
+
+class Clustering(NamedTuple):
+    """What clustering gives self-labeling and the cluster analysis."""
+
+    model: keras.Model  # images -> [batch_size, num_clusters] cluster probabilities
+    head_inputs: HeadInputs  # what the head learned on; self-labeling learns on the same
+    self_labeling_model: keras.Model  # what self-labeling trains: the head alone on features, else `model`
+    history: dict  # {loss name: [value per epoch]}
+
+
+def learn_clusters(run, data, preprocessing, representation, neighbours):
+    """Trains the clustering model so that neighbours share clusters (or reuses the cached one); saves
+    clustering_loss.png."""
+    settings = run.settings
+    # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
+    for layer in representation.encoder.layers:
+        layer.trainable = settings.tune_encoder_during_clustering
+    head_inputs = choose_head_inputs(run, data, preprocessing, representation, neighbours)
+    models = create_clustering_models(run, preprocessing, representation, head_inputs)
+    neighbours_per_anchor = 1 if settings.sample_one_neighbour else settings.k_neighbours
+    inputs, rows = head_inputs.inputs, head_inputs.rows
+    clustering_learner = create_clustering_learner(
+        models.training_model, head_inputs.augmentation, neighbours_per_anchor, inputs.shape[1:], rows
+    )
+
+    def train_clustering(backup_dir):
+        history = train_clustering_learner(
+            clustering_learner,
+            RowBatches(
+                len(inputs),
+                settings.batch_size,
+                settings.seed,
+                rows=None if rows else inputs,
+                neighbour_indices=neighbours.indices,
+                sample_one_neighbour=settings.sample_one_neighbour,
+            ),
+            settings.clustering_epochs,
+            settings.clustering_learning_rate,
+            settings.weight_decay,
+            settings.entropy_loss_weight,
+            settings.clustering_loss == "scan",
+            settings.steps_per_execution,
+            settings.checkpoint_seconds,
+            backup_dir,
+        )
+        if models.heads is not models.head:
+            keep_best_head(models, head_inputs, neighbours.indices, settings.embedding_batch_size)
+        return history
+
+    history = run.cache.trained_model(
+        "clustering", run.fingerprints["clustering"], "clustering", models.model, train_clustering
+    )
+    plot_loss_history(history, run.output_path("clustering_loss.png"))
+    return Clustering(models.model, head_inputs, models.self_labeling_model, history)
+
+
+"""
 ## Self-labeling
 
 SCAN's last step (not in the tutorial): the clustering model is fine-tuned on its own confident predictions.
@@ -2004,6 +2304,89 @@ def train_self_labeling(
         checkpoint_seconds,
         x=batches,
         epochs=epochs,
+    )
+
+
+"""
+### Train the model
+
+Self-labeling learns on what clustering learned on (`Clustering.head_inputs`): on images, it fine-tunes the
+encoder too, between a weak and a strong augmentation; on cached features, the head alone.
+"""
+
+
+class SelfLabeling(NamedTuple):
+    """What self-labeling gives the report."""
+
+    history: dict  # {"loss": [value per epoch]}; {} when it was skipped
+    before: dict | None  # accuracy, NMI and ARI of the evaluated split before self-labeling; None without labels
+
+
+def self_label(run, data, representation, clustering):
+    """Fine-tunes the clustering model on its own confident predictions (or reuses the cached result); saves
+    self_label_loss.png. SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss)
+    shows."""
+    settings, head_inputs = run.settings, clustering.head_inputs
+    split, evaluated = data.evaluated()
+    before = None
+    if evaluated.labels is not None:
+        probabilities = predict_in_full_batches(clustering.model, evaluated.images, settings.embedding_batch_size)
+        before = split_metrics(probabilities, evaluated.labels, evaluated.class_names)[0]
+        del before["matching"]
+        print(
+            f"self-labeling starts from: {split} split accuracy {before['acc']:.2%}, "
+            f"NMI {before['nmi']:.4f}, ARI {before['ari']:.4f}"
+        )
+    augmentations = (None, None)  # Cached features: no augmentation can vary them.
+    if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
+        for layer in representation.encoder.layers:
+            layer.trainable = True
+        augmentations = (
+            ImageAugmentation("weak", seed=settings.seed + 7),
+            create_data_augmentation(settings.augmentation, settings.seed + 11),
+        )
+    history = run.cache.trained_model(
+        "self_labeling",
+        run.fingerprints["self_labeling"],
+        "self-labeling",
+        clustering.model,
+        lambda backup_dir: run_self_labeling(
+            clustering.self_labeling_model, head_inputs.inputs, head_inputs.rows, augmentations, settings, backup_dir
+        ),
+    )
+    if history:
+        plot_loss_history({"self-label loss": history["loss"]}, run.output_path("self_label_loss.png"))
+    return SelfLabeling(history, before)
+
+
+def run_self_labeling(clustering_model, inputs, device_rows, augmentations, settings, backup_dir):
+    """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
+    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None
+    for features). Returns the history."""
+    probabilities = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
+    is_confident = np.max(probabilities, axis=-1) > settings.self_label_threshold
+    confident = int(np.sum(is_confident))
+    # A cluster without a confident image has no pseudo-label to learn: self-labeling can only shrink it.
+    confident_clusters = len(np.unique(np.argmax(probabilities[is_confident], axis=-1)))
+    print(
+        f"self-labeling: {confident} of {len(inputs)} images are more than {settings.self_label_threshold:.0%} "
+        f"confident, in {confident_clusters} of {probabilities.shape[-1]} clusters"
+    )
+    if not confident:
+        print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")
+        return {}
+    learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold, rows=device_rows)
+    # Builds the learner, so that a checkpoint can be restored.
+    learner(np.arange(2) if device_rows else inputs[:2].astype("float32"))
+    return train_self_labeling(
+        learner,
+        RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else inputs),
+        settings.self_label_epochs,
+        settings.self_label_learning_rate,
+        settings.weight_decay,
+        settings.steps_per_execution,
+        settings.checkpoint_seconds,
+        backup_dir,
     )
 
 
@@ -2205,6 +2588,50 @@ def report_clusters(clustering_probs, labels, class_names, prototypes_per_cluste
 
 
 """
+### Analyse the clusters
+
+The stage: every training image's cluster probabilities (cached), the tutorial's report on them, then the SCAN
+metrics of each split.
+"""
+
+
+class Analysis(NamedTuple):
+    """What the cluster analysis gives the metrics."""
+
+    report: dict  # report_clusters's: cluster sizes and, with labels, each cluster's majority label and accuracy
+    splits: dict  # {"train": its metrics, and "eval": the held-out images' when there are some}
+
+
+def analyse_clusters(run, data, clustering):
+    """Assigns every image to a cluster, prints the tutorial's report and each split's accuracy, NMI and ARI, and
+    saves prototypes.png and the confusion matrices."""
+    settings, train, evaluated = run.settings, data.train, data.eval
+    clustering_probs = run.cache.array(
+        "predictions",
+        run.fingerprints["predictions"],
+        "cluster assignment",
+        lambda: predict_in_full_batches(
+            clustering.model, train.images, settings.embedding_batch_size, verbose=fit_verbosity()
+        ),
+    )
+    labels, class_names = train.labels, train.class_names
+    report = report_clusters(
+        clustering_probs, labels, class_names, settings.prototypes_per_cluster, train.images, run.output_path
+    )
+    splits = {
+        "train": evaluate_split(
+            "train", "the images trained on", clustering_probs, labels, class_names, run.output_path
+        )
+    }
+    if evaluated is not None:
+        eval_probs = predict_in_full_batches(clustering.model, evaluated.images, settings.embedding_batch_size)
+        splits["eval"] = evaluate_split(
+            "eval", "held-out images", eval_probs, evaluated.labels, evaluated.class_names, run.output_path
+        )
+    return Analysis(report, splits)
+
+
+"""
 ## Outputs and the stage cache
 
 Every file is written under a temporary name and renamed, so an interrupted run never leaves a truncated
@@ -2368,6 +2795,33 @@ def stage_fingerprints(data_digest, settings, stage_settings):
     return fingerprints
 
 
+@dataclass
+class Run:
+    """What every stage shares: the settings, the devices, the stage timer and, once the data has passed every check,
+    the stage cache with each stage's fingerprint."""
+
+    settings: argparse.Namespace
+    gpus: list  # find_gpus()
+    num_devices: int  # the devices each step runs data-parallel over
+    times: StageTimes
+    cache: StageCache | None = None  # set by open_cache
+    fingerprints: dict | None = None  # {stage: fingerprint}, set by open_cache
+
+    def output_path(self, name):
+        """Where the output `name` (a figure, metrics.json) is written."""
+        return os.path.join(self.settings.output_dir, name)
+
+    def open_cache(self, data_digest, stage_settings):
+        """Fingerprints every stage (STAGE_SETTINGS: `stage_settings`) and creates the cache folder, with the
+        compilation cache in it: the first thing the run writes."""
+        self.fingerprints = stage_fingerprints(data_digest, vars(self.settings), stage_settings)
+        self.cache = StageCache(os.path.join(self.settings.output_dir, "cache"), self.settings.resume)
+        os.makedirs(self.cache.folder, exist_ok=True)
+        compiled = os.path.join(self.cache.folder, "compiled")
+        if self.settings.compilation_cache and enable_compilation_cache(compiled):
+            print(f"compilation cache: {compiled}")
+
+
 def main(argv=None):
     """Runs every stage in the tutorial's order; returns the metrics that metrics.json records."""
     with open(__file__) as file:
@@ -2387,7 +2841,7 @@ def main(argv=None):
         f"Keras {keras.__version__}, backend {describe_devices(gpus)}, {settings.mixed_precision}, recipe {settings.recipe}"
     )
     if process[1] == 1 and not resolve_distribution(settings.distribution, len(gpus)):
-        return train_and_evaluate(settings, gpus, num_devices=1)
+        return train_and_evaluate(settings, gpus, 1, STAGE_SETTINGS)
     if keras.backend.backend() == "tensorflow" and settings.steps_per_execution > 1:
         raise UsageError(
             f"--steps_per_execution={settings.steps_per_execution}: TensorFlow's MirroredStrategy runs one step per "
@@ -2401,320 +2855,73 @@ def main(argv=None):
         f"{settings.batch_size // num_devices} per device)"
     )
     with engine.scope():
-        return train_and_evaluate(settings, gpus, num_devices)
+        return train_and_evaluate(settings, gpus, num_devices, STAGE_SETTINGS)
 
 
-def train_and_evaluate(settings, gpus, num_devices):
+def train_and_evaluate(settings, gpus, num_devices, stage_settings):
     """The stages, in the tutorial's order, on `num_devices` devices; returns the metrics."""
-    stage_times = StageTimes(CompilationLog())
-
-    with stage_times.stage("data"):
-        subset_size = settings.max_images + settings.holdout_images if settings.max_images else 0
-        dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
-        eval_set = None
-        if settings.holdout_images:
-            dataset, eval_set = split_holdout(dataset, settings.holdout_images, settings.seed)
-        elif settings.eval_data:
-            eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
-        validate_against_data(settings, len(dataset.images), num_devices)
-        # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
-        whole_batches = math.ceil(len(dataset.images) / num_devices) * num_devices
-        settings.embedding_batch_size = min(settings.embedding_batch_size, whole_batches)
-        x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
-        print(f"data: {dataset.source}")
-        print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
-        if classes is not None:
-            print(f"{len(classes)} classes: {', '.join(classes)}")
-        if eval_set is not None:
-            print(f"evaluation data: {eval_set.source} (never trained on)")
-        else:
-            print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
-        fingerprints = stage_fingerprints(data_fingerprint(dataset), vars(settings), STAGE_SETTINGS)
-    # Every check has passed: only now is anything written.
-    cache = StageCache(os.path.join(settings.output_dir, "cache"), settings.resume)
-    os.makedirs(cache.folder, exist_ok=True)
-    if settings.compilation_cache and enable_compilation_cache(os.path.join(cache.folder, "compiled")):
-        print(f"compilation cache: {os.path.join(cache.folder, 'compiled')}")
-    output_path = lambda name: os.path.join(settings.output_dir, name)  # noqa: E731
-
-    with stage_times.stage("preprocessing"):
-        data_preprocessing = create_data_preprocessing(settings.target_size, x_data)
-        data_augmentation = create_data_augmentation(settings.augmentation, settings.seed)
-        image_idx = np.random.default_rng(settings.seed).integers(len(x_data))
-        title = classes[y_data[image_idx]] if classes else ""
-        plot_augmentations(x_data[image_idx], title, data_augmentation, output_path("augmentations.png"))
-        # The images every training stage learns on; None when each batch is copied from host memory.
-        image_rows = hold_on_device(x_data, settings.data_on_device)
-        print(
-            f"training images: {x_data.nbytes / 2**20:.0f} MiB, "
-            + ("held on the device, where each step gathers its batch" if image_rows else "copied batch by batch")
-        )
+    run = Run(settings, gpus, num_devices, StageTimes(CompilationLog()))
+    with run.times.stage("data"):
+        data = prepare_data(run)
+    run.open_cache(data.digest, stage_settings)  # Every check has passed: only now is anything written.
+    with run.times.stage("preprocessing"):
+        preprocessing = prepare_preprocessing(run, data)
 
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
-    with stage_times.stage("representation_learning"):
-        encoder = create_encoder(settings.encoder, settings.representation_dim)
-        # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
-        view_preprocessing, view_augmentation = data_preprocessing, data_augmentation
-        if settings.view_size:
-            resize_views = layers.Resizing(settings.view_size, settings.view_size)
-            view_preprocessing = keras.Sequential([resize_views, data_preprocessing.layers[-1]])
-            view_augmentation = create_data_augmentation(settings.augmentation, settings.seed, settings.view_size)
-        representation_learner = RepresentationLearner(
-            encoder,
-            settings.projection_units,
-            settings.num_augmentations,
-            view_preprocessing,
-            view_augmentation,
-            temperature=settings.temperature,
-            dropout_rate=settings.dropout_rate,
-            l2_normalize=settings.l2_normalize,
-            projection_head=settings.projection_head,
-            contrastive_loss=settings.contrastive_loss,
-            rows=image_rows,
-        )
-        # Builds the projection head, so it can be restored.
-        representation_learner(np.arange(2) if image_rows else x_data[:2].astype("float32"))
-        # The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs.
-        projected_encoder = keras.Sequential([encoder, representation_learner.projector], name="projected_encoder")
-        representation_history = cache.trained_model(
-            "representation",
-            fingerprints["representation"],
-            "representation learning",
-            projected_encoder,
-            lambda backup_dir: train_representation_learner(
-                representation_learner,
-                RowBatches(len(x_data), settings.batch_size, settings.seed, rows=None if image_rows else x_data),
-                settings.representation_epochs,
-                settings.representation_learning_rate,
-                settings.learning_rate_decay_steps,
-                settings.learning_rate_decay_alpha,
-                settings.warmup_epochs,
-                settings.weight_decay,
-                settings.steps_per_execution,
-                settings.checkpoint_seconds,
-                backup_dir,
-            ),
-        )
-        plot_loss_history({"contrastive loss": representation_history["loss"]}, output_path("representation_loss.png"))
+    with run.times.stage("representation_learning"):
+        representation = learn_representation(run, data, preprocessing)
 
     print("\n## Compute the nearest neighbours")
-    with stage_times.stage("neighbours"):
-        feature_vectors = cache.array(
-            "embeddings",
-            fingerprints["embeddings"],
-            "embeddings",
-            lambda: compute_embeddings(
-                projected_encoder if settings.mining_features == "projection" else encoder,
-                x_data,
-                settings.embedding_batch_size,
-                None if settings.embed_raw_pixels else data_preprocessing,
-            ),
-        )
-        neighbours = cache.array(
-            "neighbours",
-            fingerprints["neighbours"],
-            "neighbour mining",
-            lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
-        )
-        purity = None if y_data is None else neighbour_purity(neighbours, y_data)
-        if purity is not None:
-            print(
-                f"neighbour purity: {purity:.2%} of the {settings.k_neighbours} neighbours share their anchor's label"
-            )
-        anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
-        plot_neighbours(x_data, y_data, classes, neighbours, anchors, output_path("neighbours.png"))
+    with run.times.stage("neighbours"):
+        neighbours = find_neighbours(run, data, preprocessing, representation)
 
     print(f"\n## Semantic clustering with nearest neighbours: {settings.clustering_epochs} epochs")
-    with stage_times.stage("clustering"):
-        # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
-        for layer in encoder.layers:
-            layer.trainable = settings.tune_encoder_during_clustering
-        neighbours_per_anchor = 1 if settings.sample_one_neighbour else settings.k_neighbours
-        cached_features = None
-        if settings.cluster_on_features:
-            # The frozen encoder's features of the un-augmented images: the embeddings, unless those were of raw
-            # pixels or of projections.
-            cached_features = feature_vectors
-            if settings.embed_raw_pixels or settings.mining_features == "projection":
-                cached_features = compute_embeddings(encoder, x_data, settings.embedding_batch_size, data_preprocessing)
-        clustering_head = create_clustering_head(settings.num_clusters, cached_features)
-        clustering_model = create_clustering_model(
-            encoder, clustering_head, settings.input_size, data_preprocessing, name="clustering"
-        )
-        # SCAN trains NUM_HEADS heads side by side, then keeps the one with the lowest loss; one is the tutorial's.
-        training_heads = clustering_head
-        if settings.num_heads > 1:
-            training_heads = create_clustering_head(settings.num_clusters, cached_features, settings.num_heads)
-        # What learns, here and in self-labeling: the encoder and head on augmented images (the tutorial), or the
-        # head alone on the cached features.
-        if cached_features is not None:
-            learning_inputs, learning_augmentation = cached_features, None
-            learning_rows = hold_on_device(cached_features, settings.data_on_device)
-            training_model, self_labeling_model = training_heads, clustering_head
-        else:
-            learning_inputs, learning_augmentation, learning_rows = x_data, data_augmentation, image_rows
-            training_model, self_labeling_model = clustering_model, clustering_model
-            if training_heads is not clustering_head:
-                training_model = create_clustering_model(
-                    encoder, training_heads, settings.input_size, data_preprocessing
-                )
-        clustering_learner = create_clustering_learner(
-            training_model, learning_augmentation, neighbours_per_anchor, learning_inputs.shape[1:], learning_rows
-        )
+    with run.times.stage("clustering"):
+        clustering = learn_clusters(run, data, preprocessing, representation, neighbours)
 
-        def train_clustering(backup_dir):
-            history = train_clustering_learner(
-                clustering_learner,
-                RowBatches(
-                    len(learning_inputs),
-                    settings.batch_size,
-                    settings.seed,
-                    rows=None if learning_rows else learning_inputs,
-                    neighbour_indices=neighbours,
-                    sample_one_neighbour=settings.sample_one_neighbour,
-                ),
-                settings.clustering_epochs,
-                settings.clustering_learning_rate,
-                settings.weight_decay,
-                settings.entropy_loss_weight,
-                settings.clustering_loss == "scan",
-                settings.steps_per_execution,
-                settings.checkpoint_seconds,
-                backup_dir,
-            )
-            if settings.num_heads > 1:
-                probabilities = predict_in_full_batches(training_model, learning_inputs, settings.embedding_batch_size)
-                head_losses = scan_head_losses(probabilities, neighbours)
-                best = int(np.argmin(head_losses))
-                print(
-                    f"clustering: kept head {best + 1} of {settings.num_heads}, whose SCAN loss {head_losses[best]:.4f} "
-                    f"is the lowest (the highest: {head_losses.max():.4f})"
-                )
-                copy_head(training_heads, clustering_head, best)
-            return history
-
-        clustering_history = cache.trained_model(
-            "clustering", fingerprints["clustering"], "clustering", clustering_model, train_clustering
-        )
-        plot_loss_history(clustering_history, output_path("clustering_loss.png"))
-
-    self_label_history, before_self_labeling = {}, None
+    self_labeling = SelfLabeling(history={}, before=None)  # The tutorial ends with clustering.
     if settings.self_label_epochs:
         print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
-        with stage_times.stage("self_labeling"):
-            # SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss) shows.
-            split, images, labels, names = (
-                ("train", x_data, y_data, classes)
-                if eval_set is None
-                else ("eval", eval_set.images, eval_set.labels, eval_set.class_names)
-            )
-            if labels is not None:
-                probabilities = predict_in_full_batches(clustering_model, images, settings.embedding_batch_size)
-                before_self_labeling = split_metrics(probabilities, labels, names)[0]
-                del before_self_labeling["matching"]
-                print(
-                    f"self-labeling starts from: {split} split accuracy {before_self_labeling['acc']:.2%}, "
-                    f"NMI {before_self_labeling['nmi']:.4f}, ARI {before_self_labeling['ari']:.4f}"
-                )
-            augmentations = (None, None)  # Cached features: no augmentation can vary them.
-            if cached_features is None:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
-                for layer in encoder.layers:
-                    layer.trainable = True
-                augmentations = (
-                    ImageAugmentation("weak", seed=settings.seed + 7),
-                    create_data_augmentation(settings.augmentation, settings.seed + 11),
-                )
-            self_label_history = cache.trained_model(
-                "self_labeling",
-                fingerprints["self_labeling"],
-                "self-labeling",
-                clustering_model,
-                lambda backup_dir: run_self_labeling(
-                    self_labeling_model, learning_inputs, learning_rows, augmentations, settings, backup_dir
-                ),
-            )
-            if self_label_history:
-                plot_loss_history({"self-label loss": self_label_history["loss"]}, output_path("self_label_loss.png"))
+        with run.times.stage("self_labeling"):
+            self_labeling = self_label(run, data, representation, clustering)
 
     print("\n## Cluster analysis")
-    with stage_times.stage("cluster_analysis"):
-        clustering_probs = cache.array(
-            "predictions",
-            fingerprints["predictions"],
-            "cluster assignment",
-            lambda: predict_in_full_batches(
-                clustering_model, x_data, settings.embedding_batch_size, verbose=fit_verbosity()
-            ),
-        )
-        metrics = report_clusters(
-            clustering_probs, y_data, classes, settings.prototypes_per_cluster, x_data, output_path
-        )
-        splits = {
-            "train": evaluate_split("train", "the images trained on", clustering_probs, y_data, classes, output_path)
-        }
-        if eval_set is not None:
-            eval_probs = predict_in_full_batches(clustering_model, eval_set.images, settings.embedding_batch_size)
-            splits["eval"] = evaluate_split(
-                "eval", "held-out images", eval_probs, eval_set.labels, eval_set.class_names, output_path
-            )
+    with run.times.stage("cluster_analysis"):
+        analysis = analyse_clusters(run, data, clustering)
+    return write_metrics(run, data, representation, neighbours, clustering, self_labeling, analysis)
 
-    metrics.update(
-        data=dataset.source,
-        images=len(x_data),
-        backend=describe_devices(gpus),
-        devices=num_devices,
-        neighbour_purity=purity,
-        splits=splits,
-        before_self_labeling=before_self_labeling,
-        losses={
-            "representation": representation_history["loss"],
-            "clustering": clustering_history,
-            "self_labeling": self_label_history,
+
+def write_metrics(run, data, representation, neighbours, clustering, self_labeling, analysis):
+    """Saves metrics.json from every stage's result, prints the stage times and the RESULT line; returns the
+    metrics."""
+    metrics = {
+        **analysis.report,
+        "data": data.train.source,
+        "images": len(data.train.images),
+        "backend": describe_devices(run.gpus),
+        "devices": run.num_devices,
+        "neighbour_purity": neighbours.purity,
+        "splits": analysis.splits,
+        "before_self_labeling": self_labeling.before,
+        "losses": {
+            "representation": representation.history["loss"],
+            "clustering": clustering.history,
+            "self_labeling": self_labeling.history,
         },
-        timings_seconds=stage_times.seconds,
-        compilations=stage_times.compilations,
-        settings=vars(settings),
-    )
-    save_json(metrics, output_path("metrics.json"))
-    print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in stage_times.seconds.items()))
-    if stage_times.compilations:
-        compile_seconds = sum(compiled["seconds"] for compiled in stage_times.compilations.values())
+        "timings_seconds": run.times.seconds,
+        "compilations": run.times.compilations,
+        "settings": vars(run.settings),
+    }
+    save_json(metrics, run.output_path("metrics.json"))
+    times = run.times
+    print("\nstage times: " + ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in times.seconds.items()))
+    if times.compilations:
+        compile_seconds = sum(compiled["seconds"] for compiled in times.compilations.values())
         print(f"compilation: {compile_seconds:.1f}s of them in all")
-    print(f"figures and metrics.json are in {settings.output_dir}")
-    split = "eval" if "eval" in splits else "train"
-    print(result_line(split, splits[split], settings.num_clusters))
+    print(f"figures and metrics.json are in {run.settings.output_dir}")
+    split, _ = data.evaluated()
+    print(result_line(split, analysis.splits[split], run.settings.num_clusters))
     return metrics
-
-
-def run_self_labeling(clustering_model, inputs, device_rows, augmentations, settings, backup_dir):
-    """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
-    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None
-    for features). Returns the history."""
-    probabilities = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
-    is_confident = np.max(probabilities, axis=-1) > settings.self_label_threshold
-    confident = int(np.sum(is_confident))
-    # A cluster without a confident image has no pseudo-label to learn: self-labeling can only shrink it.
-    confident_clusters = len(np.unique(np.argmax(probabilities[is_confident], axis=-1)))
-    print(
-        f"self-labeling: {confident} of {len(inputs)} images are more than {settings.self_label_threshold:.0%} "
-        f"confident, in {confident_clusters} of {probabilities.shape[-1]} clusters"
-    )
-    if not confident:
-        print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")
-        return {}
-    learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold, rows=device_rows)
-    # Builds the learner, so that a checkpoint can be restored.
-    learner(np.arange(2) if device_rows else inputs[:2].astype("float32"))
-    return train_self_labeling(
-        learner,
-        RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else inputs),
-        settings.self_label_epochs,
-        settings.self_label_learning_rate,
-        settings.weight_decay,
-        settings.steps_per_execution,
-        settings.checkpoint_seconds,
-        backup_dir,
-    )
 
 
 def result_line(split, metrics, num_clusters):
