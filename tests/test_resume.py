@@ -238,10 +238,19 @@ def test_stage_fingerprints_are_those_of_earlier_runs(tmp_path, recipe):
     defaults = {name: getattr(scan, name) for name in comments}
     arguments = [f"--recipe={recipe}", f"--data={folder}", "--encoder=small", "--num_clusters=3", "--k_neighbours=3"]
     settings = scan.parse_settings(
-        [*arguments, "--holdout_images=20"], defaults, comments, scan.RECIPES, tuple(scan.CIFAR10_SPLITS)
+        [*arguments, "--holdout_images=20", f"--output_dir={tmp_path / 'out'}"],
+        defaults,
+        comments,
+        scan.RECIPES,
+        tuple(scan.CIFAR10_SPLITS),
     )
     settings.mixed_precision = scan.resolve_mixed_precision(settings.mixed_precision, [])
-    dataset, _ = scan.split_holdout(scan.load_dataset(folder, 32, 0, settings.seed), 20, settings.seed)
-    assert scan.data_fingerprint(dataset) == "3b0915b1bca8bad9"
-    fingerprints = scan.stage_fingerprints(scan.data_fingerprint(dataset), vars(settings), scan.STAGE_SETTINGS)
-    assert fingerprints == PINNED_FINGERPRINTS[recipe]
+    # The way the script takes: the data stage, then the stage cache.
+    run = scan.Run(settings, gpus=[], num_devices=1, times=None)
+    data = scan.prepare_data(run)
+    assert data.digest == "3b0915b1bca8bad9" and len(data.train.images) == 100 and len(data.eval.images) == 20
+    run.open_cache(data.digest, scan.STAGE_SETTINGS)
+    assert run.fingerprints == PINNED_FINGERPRINTS[recipe]
+    assert run.cache.path("clustering", run.fingerprints["clustering"], ".npy") == str(
+        tmp_path / "out" / "cache" / f"clustering-{PINNED_FINGERPRINTS[recipe]['clustering']}.npy"
+    )
