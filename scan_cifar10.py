@@ -103,7 +103,8 @@ VIEW_SIZE = 0  # side of SimCLR's augmented training views (0 = TARGET_SIZE); sm
 
 # Representation learning
 ENCODER = "resnet50v2"  # "resnet50v2" (the tutorial's), "resnet18" (CIFAR ResNet-18) or "small" (4-layer CNN)
-REPRESENTATION_DIM = 512  # dimensions of the feature vector the encoder outputs
+REPRESENTATION_DIM = 512  # units of the dense layer ending the encoder (0 = none: the backbone's features, as SCAN)
+TORCH_CONVENTIONS = False  # build the CNNs as SCAN's PyTorch code: stride-2 padding on every side, its init, batch norm
 PROJECTION_HEAD = "tutorial"  # "tutorial" (dropout, dense, batch norm, ReLU) or "mlp" (dense, ReLU, dense)
 PROJECTION_UNITS = 128  # units of the projection head of the representation learner
 CONTRASTIVE_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "ntxent" (SimCLR's NT-Xent)
@@ -113,11 +114,13 @@ DROPOUT_RATE = 0.1  # dropout before the "tutorial" projection head, in [0, 1)
 L2_NORMALIZE = False  # L2-normalise projections in the "tutorial" contrastive loss (NT-Xent always does)
 BATCH_SIZE = 512  # images per training step, for representation learning, clustering and self-labeling
 REPRESENTATION_EPOCHS = 50  # SimCLR training epochs (the tutorial suggests 500 for better results)
+REPRESENTATION_OPTIMIZER = "adamw"  # "adamw" (the tutorial's) or "sgd" (SCAN's SimCLR: momentum, L2 weight decay)
+MOMENTUM = 0.9  # momentum of the "sgd" representation optimizer, in [0, 1)
 REPRESENTATION_LEARNING_RATE = 0.001  # initial learning rate of the cosine decay
 LEARNING_RATE_DECAY_STEPS = 500  # steps of the cosine decay, then the rate stays at its floor (0 = all steps)
 LEARNING_RATE_DECAY_ALPHA = 0.1  # floor of the cosine decay as a fraction of the initial rate
 WARMUP_EPOCHS = 0  # epochs over which the SimCLR learning rate first rises linearly from 0 (SimCLR: 10)
-WEIGHT_DECAY = 0.0001  # AdamW weight decay, Keras semantics (scaled by the learning rate)
+WEIGHT_DECAY = 0.0001  # AdamW: shrinks weights this much a step at the initial rate (tutorial); SGD: L2 (SCAN)
 
 # Neighbours
 EMBEDDING_BATCH_SIZE = 500  # images per batch when embedding, mining neighbours and predicting clusters
@@ -156,11 +159,14 @@ DISTRIBUTION = "auto"  # "auto" (data-parallel when several GPUs are visible), "
 # Each recipe is a coherent set of defaults; a setting given on the command line always wins over it.
 RECIPES = {
     "tutorial": {},
-    # The official SCAN code for CIFAR-10 (AdamW replaces its SGD for SimCLR: one optimizer for every stage).
+    # The official SCAN code for CIFAR-10: SimCLR with SGD at 0.4 (batch 512), cosine decay to 0.4 x 0.1^3 over 500
+    # epochs, weight decay 1e-4 in the gradient, the ResNet-18 built as in PyTorch with no dense layer after it.
     "scan": {
         "data": "cifar10-train", "eval_data": "cifar10-test", "encoder": "resnet18", "augmentation": "simclr",
-        "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_epochs": 500,
-        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0, "embed_raw_pixels": False,
+        "representation_dim": 0, "torch_conventions": True, "projection_head": "mlp", "contrastive_loss": "ntxent",
+        "representation_epochs": 500, "representation_optimizer": "sgd", "momentum": 0.9,
+        "representation_learning_rate": 0.4, "weight_decay": 0.0001,
+        "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.001, "embed_raw_pixels": False,
         "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10, "num_heads": 10,
         "clustering_loss": "scan", "sample_one_neighbour": True, "tune_encoder_during_clustering": True,
         "clustering_epochs": 50, "clustering_learning_rate": 0.0001,
@@ -189,6 +195,8 @@ RECIPES = {
         "clustering_loss": "scan", "sample_one_neighbour": True, "tune_encoder_during_clustering": False,
         "cluster_on_features": True, "clustering_epochs": 20, "clustering_learning_rate": 0.001,
         "self_label_epochs": 0,
+        # The measured run's weight decay: Keras's AdamW took 1e-4 times the learning rate 0.001 per step.
+        "weight_decay": 1e-7,
     },
 }  # fmt: skip
 RENAMED_RECIPES = {"quick": "cpu"}  # old name: new name
@@ -200,6 +208,7 @@ CHOICES = {
     "projection_head": ["tutorial", "mlp"],
     "mining_features": ["encoder", "projection"],
     "contrastive_loss": ["tutorial", "ntxent"],
+    "representation_optimizer": ["adamw", "sgd"],
     "clustering_loss": ["tutorial", "scan"],
     "mixed_precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
     "data_on_device": ["auto", "true", "false"],
@@ -209,9 +218,10 @@ CHOICES = {
 STAGE_SETTINGS = {
     "representation": [
         "mixed_precision", "seed", "encoder", "target_size", "augmentation", "view_size", "representation_dim",
-        "projection_head", "projection_units", "contrastive_loss", "num_augmentations", "temperature", "dropout_rate",
-        "l2_normalize", "batch_size", "representation_epochs", "representation_learning_rate",
-        "learning_rate_decay_steps", "learning_rate_decay_alpha", "warmup_epochs", "weight_decay",
+        "torch_conventions", "projection_head", "projection_units", "contrastive_loss", "num_augmentations",
+        "temperature", "dropout_rate", "l2_normalize", "batch_size", "representation_epochs",
+        "representation_optimizer", "momentum", "representation_learning_rate", "learning_rate_decay_steps",
+        "learning_rate_decay_alpha", "warmup_epochs", "weight_decay",
     ],
     "embeddings": ["embed_raw_pixels", "mining_features"],
     "neighbours": ["k_neighbours"],
@@ -333,14 +343,15 @@ def validate_settings(settings, choices):
         raise UsageError("--output_dir is empty: name the folder for figures, metrics.json and the cache")
     positive = [
         "batch_size", "embedding_batch_size", "representation_epochs", "clustering_epochs", "input_size",
-        "representation_dim", "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster",
+        "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster",
         "steps_per_execution",
     ]  # fmt: skip
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
     for name in [
-        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "warmup_epochs"
+        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "warmup_epochs",
+        "representation_dim",
     ]:  # fmt: skip
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
@@ -365,6 +376,8 @@ def validate_settings(settings, choices):
         raise UsageError(f"--self_label_threshold={settings.self_label_threshold}: must be between 0 and 1")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
+    if not 0 <= settings.momentum < 1:
+        raise UsageError(f"--momentum={settings.momentum}: must be in [0, 1)")
     if settings.entropy_loss_weight < 0:
         raise UsageError(f"--entropy_loss_weight={settings.entropy_loss_weight}: must be 0 or more")
     if settings.warmup_epochs >= settings.representation_epochs:
@@ -1395,70 +1408,102 @@ two basic blocks, 64-128-256-512 channels) and a small 4-layer CNN, fast enough 
 ENCODER_MINIMUM_SIZES = {"resnet50v2": 32, "resnet18": 8, "small": 8}  # smallest TARGET_SIZE of each encoder
 
 
-def create_encoder(encoder_name, representation_dim):
+def create_encoder(encoder_name, representation_dim, torch_conventions=False):
+    """The backbone, then a dense layer of `representation_dim` units (the tutorial's; none when 0, as in SCAN)."""
     # Any image side: SimCLR may train on smaller views (VIEW_SIZE) than the TARGET_SIZE images it then embeds.
+    dense = [layers.Dense(representation_dim)] if representation_dim else []
     return keras.Sequential(
-        [keras.Input((None, None, 3)), create_backbone(encoder_name), layers.Dense(representation_dim)],
-        name="encoder",
+        [keras.Input((None, None, 3)), create_backbone(encoder_name, torch_conventions), *dense], name="encoder"
     )
 
 
-def create_backbone(encoder_name):
-    """The convolutional part of the encoder: images -> pooled features."""
+def create_backbone(encoder_name, torch_conventions=False):
+    """The convolutional part of the encoder: images -> pooled features. `torch_conventions` builds the ResNet-18
+    and the small CNN as SCAN's PyTorch code does (see `conv_block`); ResNet50V2 is Keras's own."""
     if encoder_name == "resnet50v2":
         return keras.applications.ResNet50V2(include_top=False, weights=None, pooling="avg")
     if encoder_name == "resnet18":
-        return create_cifar_resnet18()
+        return create_cifar_resnet18(torch_conventions)
     # The small CNN's first convolution has a bias instead of batch normalisation: normalising its large
     # 32-channel map cost a quarter of a SimCLR step on a CPU and did not change the neighbours' purity.
     return keras.Sequential(
         [
-            layers.Conv2D(32, 3, padding="same"),  # 32x32
-            layers.ReLU(),
+            layers.Conv2D(32, 3, padding="same", kernel_initializer=convolution_initializer(torch_conventions)),
+            layers.ReLU(),  # 32x32
             layers.MaxPooling2D(),
-            *conv_block(64),  # 16x16
+            *conv_block(64, torch_conventions=torch_conventions),  # 16x16
             layers.MaxPooling2D(),
-            *conv_block(128),  # 8x8
+            *conv_block(128, torch_conventions=torch_conventions),  # 8x8
             layers.MaxPooling2D(),
-            *conv_block(256),  # 4x4
+            *conv_block(256, torch_conventions=torch_conventions),  # 4x4
             layers.GlobalAveragePooling2D(),
         ],
         name="small_cnn",
     )
 
 
-def conv_block(filters, strides=1):
-    """3x3 convolution, batch normalisation, ReLU."""
+def convolution_initializer(torch_conventions):
+    """Keras's Glorot-uniform, or SCAN's He-normal of the fan-out (`kaiming_normal_(mode="fan_out")`)."""
+    if torch_conventions:
+        return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+    return "glorot_uniform"
+
+
+def conv_block(filters, strides=1, torch_conventions=False):
+    """3x3 convolution, batch normalisation, ReLU.
+
+    With `torch_conventions`, as PyTorch builds them: a stride-2 convolution pads one pixel on every side, so its
+    output pixel i is centred on input pixel 2i, where the 1x1 shortcut of a residual block samples (Keras's "same"
+    pads only after, centring it on 2i + 1, half a stride away); batch normalisation keeps 0.9 of its running
+    statistics per step (PyTorch's momentum 0.1) with epsilon 1e-5; the convolution's init is He-normal.
+    """
+    if not torch_conventions:
+        return [
+            layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+        ]
+    padding = [layers.ZeroPadding2D(1)] if strides != 1 else []
     return [
-        layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False),
-        layers.BatchNormalization(),
+        *padding,
+        layers.Conv2D(
+            filters,
+            3,
+            strides=strides,
+            padding="valid" if padding else "same",
+            use_bias=False,
+            kernel_initializer=convolution_initializer(True),
+        ),
+        layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
         layers.ReLU(),
     ]
 
 
-def create_cifar_resnet18():
+def create_cifar_resnet18(torch_conventions=False):
     """ResNet-18 for 32x32 images, as in the SCAN code: 512 pooled features, about 11.2M parameters."""
     inputs = keras.Input((None, None, 3))
     x = inputs
-    for layer in conv_block(64):
+    for layer in conv_block(64, torch_conventions=torch_conventions):
         x = layer(x)
     for filters, strides in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        x = basic_block(x, filters, strides)
-        x = basic_block(x, filters, 1)
+        x = basic_block(x, filters, strides, torch_conventions)
+        x = basic_block(x, filters, 1, torch_conventions)
     return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name="resnet18")
 
 
-def basic_block(x, filters, strides):
+def basic_block(x, filters, strides, torch_conventions=False):
     """Two 3x3 convolutions with a shortcut, projected by a 1x1 convolution when the shape changes."""
     residual = x
-    for layer in conv_block(filters, strides):
+    for layer in conv_block(filters, strides, torch_conventions):
         residual = layer(residual)
-    residual = layers.Conv2D(filters, 3, padding="same", use_bias=False)(residual)
-    residual = layers.BatchNormalization()(residual)
+    normalization = {"momentum": 0.9, "epsilon": 1e-5} if torch_conventions else {}
+    initializer = convolution_initializer(torch_conventions)
+    residual = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=initializer)(residual)
+    residual = layers.BatchNormalization(**normalization)(residual)
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False)(x)
-        shortcut = layers.BatchNormalization()(shortcut)
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, kernel_initializer=initializer)(x)
+        shortcut = layers.BatchNormalization(**normalization)(shortcut)
     return layers.ReLU()(layers.Add()([residual, shortcut]))
 
 
@@ -1559,12 +1604,39 @@ class RepresentationLearner(keras.Model):
         return replica_share(tutorial_contrastive_loss(y_pred, batch_size, self.temperature, self.l2_normalize))
 
 
-def create_adamw(learning_rate, weight_decay):
-    """AdamW from keras.optimizers replaces the tutorial's tensorflow-addons AdamW.
+"""
+### Optimizers and what their weight decay means
 
-    tfa decays the weights by `weight_decay` per step; Keras multiplies it by the learning rate first.
-    """
-    return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+The tutorial trains with tensorflow-addons' AdamW, which shrinks every weight by `weight_decay` (1e-4) at each step.
+Keras's AdamW (like PyTorch's) multiplies its `weight_decay` by the learning rate first: given 1e-4 at a rate of
+1e-3, it would shrink them by 1e-7, in effect not at all. So `WEIGHT_DECAY` keeps the tutorial's meaning: Keras is
+given WEIGHT_DECAY / the initial learning rate, so that each step at that rate decays the weights by WEIGHT_DECAY,
+and the decay then follows the rate's schedule. SCAN's SimCLR (`REPRESENTATION_OPTIMIZER = "sgd"`) uses PyTorch's
+SGD, whose `weight_decay` is an L2 term added to the gradient before the momentum, not a decoupled decay: there
+WEIGHT_DECAY is that L2 coefficient, exactly as in SCAN's configuration.
+"""
+
+
+class CoupledWeightDecaySGD(keras.optimizers.SGD):
+    """SGD with momentum whose weight decay adds `l2` times each weight to its gradient before the momentum, as
+    PyTorch's `torch.optim.SGD(weight_decay=l2)` does (Keras's own `weight_decay` is decoupled). The momentum is
+    Keras's (velocity = momentum x velocity - rate x gradient), the same step as PyTorch's at a constant rate."""
+
+    def __init__(self, l2, **kwargs):
+        super().__init__(**kwargs)
+        self.l2 = l2
+
+    def update_step(self, gradient, variable, learning_rate):
+        gradient = ops.cast(gradient, variable.dtype)
+        super().update_step(gradient + ops.cast(self.l2, variable.dtype) * variable, variable, learning_rate)
+
+
+def create_optimizer(name, learning_rate, weight_decay, initial_learning_rate, momentum=0.9):
+    """The optimizer "adamw" or "sgd" at `learning_rate` (a rate or a schedule that starts from, or warms up to,
+    `initial_learning_rate`), with `weight_decay` meaning what the section above says."""
+    if name == "sgd":
+        return CoupledWeightDecaySGD(weight_decay, learning_rate=learning_rate, momentum=momentum)
+    return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay / initial_learning_rate)
 
 
 def learning_rate_schedule(learning_rate, total_steps, decay_steps, decay_alpha, warmup_steps):
@@ -1589,17 +1661,22 @@ def train_representation_learner(
     decay_steps,
     decay_alpha,
     warmup_epochs,
+    optimizer,
     weight_decay,
+    momentum,
     steps_per_execution,
     checkpoint_seconds,
     backup_dir,
 ):
-    """Trains the contrastive learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
-    every epoch."""
+    """Trains the contrastive learner on `batches` (RowBatches) with `optimizer` ("adamw" or "sgd"), resuming from
+    `backup_dir`; returns the history of every epoch."""
     lr_scheduler = learning_rate_schedule(
         learning_rate, epochs * len(batches), decay_steps, decay_alpha, warmup_epochs * len(batches)
     )
-    learner.compile(optimizer=create_adamw(lr_scheduler, weight_decay), steps_per_execution=steps_per_execution)
+    learner.compile(
+        optimizer=create_optimizer(optimizer, lr_scheduler, weight_decay, learning_rate, momentum),
+        steps_per_execution=steps_per_execution,
+    )
     return fit_resumable(
         learner,
         backup_dir,
@@ -1735,7 +1812,7 @@ def learn_representation(run, data, preprocessing):
     """Trains the encoder with SimCLR's contrastive learner (or reuses the cached one); saves representation_loss.png.
     The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs."""
     settings, x_data, image_rows = run.settings, data.train.images, preprocessing.image_rows
-    encoder = create_encoder(settings.encoder, settings.representation_dim)
+    encoder = create_encoder(settings.encoder, settings.representation_dim, settings.torch_conventions)
     # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
     view_preprocessing, view_augmentation = preprocessing.data_preprocessing, preprocessing.data_augmentation
     if settings.view_size:
@@ -1771,7 +1848,9 @@ def learn_representation(run, data, preprocessing):
             settings.learning_rate_decay_steps,
             settings.learning_rate_decay_alpha,
             settings.warmup_epochs,
+            settings.representation_optimizer,
             settings.weight_decay,
+            settings.momentum,
             settings.steps_per_execution,
             settings.checkpoint_seconds,
             backup_dir,
@@ -1846,6 +1925,24 @@ def neighbour_purity(neighbour_indices, labels):
     return float(np.mean(labels[neighbour_indices] == labels[:, None]))
 
 
+def weighted_knn_accuracy(
+    query_features, query_labels, reference_features, reference_labels, num_classes, k=200, temperature=0.1
+):
+    """The share of query images whose label wins the weighted vote of their `k` most similar reference images:
+    the kNN monitor of SimCLR codebases (SCAN's `MemoryBank.weighted_knn`, lightly's benchmarks), which weighs each
+    neighbour's vote by exp(cosine similarity / `temperature`). Features are L2-normalised rows [n, dims]."""
+    k = min(k, len(reference_features))
+    correct = 0
+    for start in range(0, len(query_features), 1000):  # 1,000 queries at a time: memory 1,000 x len(reference)
+        similarity = query_features[start : start + 1000] @ reference_features.T  # [batch, num_references]
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]  # [batch, k], unordered
+        weights = np.exp(np.take_along_axis(similarity, nearest, axis=1) / temperature)
+        votes = np.zeros((len(similarity), num_classes))  # [batch, num_classes]
+        np.add.at(votes, (np.arange(len(similarity))[:, None], reference_labels[nearest]), weights)
+        correct += int(np.sum(votes.argmax(axis=1) == query_labels[start : start + 1000]))
+    return correct / len(query_features)
+
+
 def plot_neighbours(images, labels, class_names, neighbour_indices, anchors, path):
     """Saves one row per anchor: the anchor image, then its neighbours."""
     ncols = neighbour_indices.shape[1] + 1
@@ -1866,6 +1963,8 @@ class Neighbours(NamedTuple):
     feature_vectors: np.ndarray  # [num_images, dimensions]: the L2-normalised embeddings mined in
     indices: np.ndarray  # [num_images, K_NEIGHBOURS]: each image's nearest neighbours, nearest first
     purity: float | None  # the share of neighbours that share their anchor's label; None without labels
+    encoder_features: np.ndarray | None  # [num_images, dimensions]: the encoder's L2-normalised features, if computed
+    knn_accuracy: float | None  # the evaluation images' weighted kNN accuracy; None without labelled evaluation images
 
 
 def find_neighbours(run, data, preprocessing, representation):
@@ -1894,7 +1993,27 @@ def find_neighbours(run, data, preprocessing, representation):
         print(f"neighbour purity: {purity:.2%} of the {settings.k_neighbours} neighbours share their anchor's label")
     anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
     plot_neighbours(x_data, y_data, data.train.class_names, neighbours, anchors, run.output_path("neighbours.png"))
-    return Neighbours(feature_vectors, neighbours, purity)
+    # The encoder's features of the training images (the embeddings, unless those were of raw pixels or of
+    # projections), for the kNN monitor and for a head on cached features.
+    encoder_features = None
+    if not settings.embed_raw_pixels and settings.mining_features == "encoder":
+        encoder_features = feature_vectors
+    knn_accuracy = None
+    evaluated = data.eval
+    if y_data is not None and evaluated is not None and evaluated.labels is not None:
+        if evaluated.class_names == data.train.class_names:
+            # One model embeds both splits, so that its prediction compiles once.
+            embedder = keras.Sequential([preprocessing.data_preprocessing, representation.encoder])
+            embed = lambda images: compute_embeddings(embedder, images, settings.embedding_batch_size)  # noqa: E731
+            encoder_features = embed(x_data) if encoder_features is None else encoder_features
+            knn_accuracy = weighted_knn_accuracy(
+                embed(evaluated.images), evaluated.labels, encoder_features, y_data, len(data.train.class_names)
+            )
+            print(
+                f"kNN accuracy: {knn_accuracy:.2%} of the {len(evaluated.labels)} evaluation images take the label "
+                "that their 200 most similar training images vote for (encoder features, temperature 0.1)"
+            )
+    return Neighbours(feature_vectors, neighbours, purity, encoder_features, knn_accuracy)
 
 
 """
@@ -2055,7 +2174,9 @@ def train_clustering_learner(
         ClustersEntropyLoss(entropy_loss_weight=entropy_loss_weight, apply_weight=scan_loss),
     ]
     clustering_learner.compile(
-        optimizer=create_adamw(learning_rate, weight_decay), loss=losses, steps_per_execution=steps_per_execution
+        optimizer=create_optimizer("adamw", learning_rate, weight_decay, learning_rate),
+        loss=losses,
+        steps_per_execution=steps_per_execution,
     )
     return fit_resumable(
         clustering_learner,
@@ -2125,12 +2246,12 @@ class HeadInputs(NamedTuple):
 
 def choose_head_inputs(run, data, preprocessing, representation, neighbours):
     """The images (the tutorial), or with CLUSTER_ON_FEATURES the frozen encoder's features of the un-augmented
-    images: the embeddings, unless those were of raw pixels or of projections."""
+    images, as the neighbours stage computed them or computed here."""
     settings = run.settings
     if not settings.cluster_on_features:
         return HeadInputs(False, data.train.images, preprocessing.image_rows, preprocessing.data_augmentation)
-    features = neighbours.feature_vectors
-    if settings.embed_raw_pixels or settings.mining_features == "projection":
+    features = neighbours.encoder_features
+    if features is None:
         features = compute_embeddings(
             representation.encoder, data.train.images, settings.embedding_batch_size, preprocessing.data_preprocessing
         )
@@ -2295,7 +2416,10 @@ def train_self_labeling(
 ):
     """Trains the self-label learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
     every epoch."""
-    learner.compile(optimizer=create_adamw(learning_rate, weight_decay), steps_per_execution=steps_per_execution)
+    learner.compile(
+        optimizer=create_optimizer("adamw", learning_rate, weight_decay, learning_rate),
+        steps_per_execution=steps_per_execution,
+    )
     return fit_resumable(
         learner,
         backup_dir,
@@ -2901,6 +3025,7 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
         "backend": describe_devices(run.gpus),
         "devices": run.num_devices,
         "neighbour_purity": neighbours.purity,
+        "knn_accuracy": neighbours.knn_accuracy,
         "splits": analysis.splits,
         "before_self_labeling": self_labeling.before,
         "losses": {

@@ -25,7 +25,7 @@ BATCH_SIZE, SIZE = 8, 16
 IMAGES = np.stack([class_image(index % 3, index, SIZE) for index in range(BATCH_SIZE)])
 NEIGHBOURS = (np.arange(BATCH_SIZE)[:, None] + np.array([1, 2])) % BATCH_SIZE
 # Plain SGD, so the updated weights show the gradients themselves (Adam's first step is about lr * sign(gradient)).
-scan.create_adamw = lambda learning_rate, weight_decay: keras.optimizers.SGD(learning_rate)
+scan.create_optimizer = lambda name, learning_rate, *unused: keras.optimizers.SGD(learning_rate)
 
 
 def clustering_model(num_heads):
@@ -47,7 +47,7 @@ def build(stage):
         learner(np.arange(2) if rows else IMAGES[:2])
         batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=None if rows else IMAGES)
         return learner, lambda folder: scan.train_representation_learner(
-            learner, batches, 1, 0.05, 0, 0.0, 0, 0.0, 1, 0, folder
+            learner, batches, 1, 0.05, 0, 0.0, 0, "sgd", 0.0, 0.0, 1, 0, folder
         )
     if stage == "clustering":
         learner = scan.create_clustering_learner(clustering_model(2), augmentation, 1, IMAGES.shape[1:])

@@ -195,7 +195,7 @@ def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the
     np.testing.assert_array_equal(weak, strong)
     np.testing.assert_allclose(weak, ops.convert_to_numpy(head(features)), atol=1e-6)
     expected = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.34)
-    learner.compile(optimizer=scan.create_adamw(0.05, 0.0))
+    learner.compile(optimizer=scan.create_optimizer("adamw", 0.05, 0.0, 0.05))
     losses = learner.fit(features, batch_size=30, epochs=5, shuffle=False, verbose=0).history["loss"]
     assert losses[0] == pytest.approx(float(ops.convert_to_numpy(expected)), rel=1e-4)
     assert losses[-1] < losses[0]  # the head becomes more confident in its own pseudo-labels
