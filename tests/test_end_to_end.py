@@ -106,6 +106,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert re.search(
         r"^neighbour purity: [\d.]+% of the 2 neighbours share their anchor's label$", out, flags=re.MULTILINE
     )
+    knn = re.search(r"^kNN accuracy: ([\d.]+)% of the 6 evaluation images take the label", out, flags=re.MULTILINE)
     # Both recipes train 10 heads side by side and keep the one with the lowest SCAN loss, as SCAN's code does.
     assert re.search(
         r"^clustering: kept head \d+ of 10, whose SCAN loss -?[\d.]+ is the lowest", out, flags=re.MULTILINE
@@ -130,6 +131,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1
+    assert knn and float(knn.group(1)) == round(100 * metrics["knn_accuracy"], 2)
     assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"}  # 10 heads too
     for name in ["confusion_matrix_train.png", "confusion_matrix_eval.png", "prototypes.png"]:
         assert (output_dir / name).stat().st_size > 1000
@@ -141,8 +143,9 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     self_labeled = "self-labeling: training step XLA-compiled" in out
     steps = {stage: compiled["steps"] for stage, compiled in metrics["compilations"].items()}
     assert steps["representation_learning"] == {"train_step": 1}
-    # Two models predict once each: the encoder, for the features to cache, and the heads, to rank them.
-    assert steps["clustering"] == {"train_step": 1, "predict_step": 2}
+    # The encoder's features (for the kNN monitor and the head) come from one model that predicts both splits.
+    assert steps["neighbours"] == {"predict_step": 3}  # the projections to mine, the mining, the encoder's features
+    assert steps["clustering"] == {"train_step": 1, "predict_step": 1}  # the heads, to rank them
     # Two models predict once each: the clustering model, for the accuracy before self-labeling, and the head.
     assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 2} if self_labeled else {"predict_step": 2})
     # Both splits then reuse the clustering model's one prediction step: the analysis compiles nothing.
@@ -156,6 +159,6 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert compilations.keys() == metrics["compilations"].keys()
     for stage, compiled in compilations.items():
         assert compiled["programs"] == compiled["from_cache"] == metrics["compilations"][stage]["programs"], stage
-    line = r"^clustering: (\d+) XLA programs, 1 train_step, 2 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
+    line = r"^clustering: (\d+) XLA programs, 1 train_step, 1 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
     match = re.search(line, again.stdout, flags=re.MULTILINE)
     assert match and match.group(1) == match.group(2)
