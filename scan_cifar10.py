@@ -27,7 +27,8 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 - the tutorial's defaults (60,000 images, 50 + 50 epochs), `KERAS_BACKEND=jax python scan_cifar10.py
   --data=path/to/images`, on one NVIDIA H100 with JAX 0.11.2 and Keras 3.15.1: 4.9 minutes in all (1.6 of them
   compiling; a second run loads every compiled program from OUTPUT_DIR/cache/compiled), 25.05 % overall
-  majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes);
+  majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes), measured while Keras decayed the
+  weights by 1e-7 a step, not the tutorial's 1e-4 (README, "Weight decay"; unmeasured since);
 - `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU with TensorFlow 2.21: 18.5 minutes in all,
   41.4 % Hungarian accuracy (NMI 0.280, ARI 0.189) on 10,000 held-out images, neighbour purity 49.2 %;
 - `--recipe=gpu --data=path/to/cifar10-train-jpeg` on one NVIDIA H200 with JAX 0.11.2 (docs/gpu-recipe.md): about
