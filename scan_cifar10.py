@@ -374,7 +374,7 @@ def validate_settings(settings, choices):
     if not 0 < settings.self_label_threshold < 1:
         raise UsageError(f"--self_label_threshold={settings.self_label_threshold}: must be between 0 and 1")
     if not 0 <= settings.self_label_ema < 1:
-        raise UsageError(f"--self_label_ema={settings.self_label_ema}: must be in [0, 1) (0 = off, SCAN: 0.999)")
+        raise UsageError(f"--self_label_ema={settings.self_label_ema}: must be in [0, 1) (0 = off, e.g. 0.999)")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
     if settings.entropy_loss_weight < 0:
