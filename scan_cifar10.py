@@ -101,6 +101,7 @@ RESUME = True  # reuse finished stages and resume interrupted training; False re
 TARGET_SIZE = 32  # images are resized to this side inside the model; ResNet50V2 needs >= 32
 AUGMENTATION = "tutorial"  # "tutorial" (shift, flip, rotate, zoom), "tutorial-layers" (same, as Keras layers), "simclr"
 VIEW_SIZE = 0  # side of SimCLR's augmented training views (0 = TARGET_SIZE); smaller views train faster
+STRONG_AUGMENTATION = "augmentation"  # of clustering and self-labeling: "augmentation" (AUGMENTATION's) or "scan"
 
 # Representation learning
 ENCODER = "resnet50v2"  # "resnet50v2" (the tutorial's), "resnet18" (CIFAR ResNet-18) or "small" (4-layer CNN)
@@ -139,11 +140,15 @@ CLUSTER_ON_FEATURES = False  # True (frozen encoder): clustering and self-labeli
 ENTROPY_LOSS_WEIGHT = 5.0  # weight of the entropy term; the "tutorial" loss stores it but never uses it
 CLUSTERING_EPOCHS = 50  # clustering training epochs
 CLUSTERING_LEARNING_RATE = 0.0005  # AdamW learning rate of cluster learning
+KEEP_BEST_CLUSTERING_EPOCH = False  # keep the epoch whose SCAN loss over all images is the lowest (SCAN), not the last
 
 # Self-labeling
 SELF_LABEL_EPOCHS = 0  # epochs of training on confident pseudo-labels after clustering (0 = none, as in the tutorial)
 SELF_LABEL_THRESHOLD = 0.99  # confidence above which an image's cluster becomes its pseudo-label, in (0, 1)
 SELF_LABEL_LEARNING_RATE = 0.0001  # AdamW learning rate of self-labeling
+SELF_LABEL_WEAK_VIEW = "none"  # the view pseudo-labels come from: "none" (the image itself, as SCAN) or "flip-shift"
+SELF_LABEL_EMA = 0.0  # self-labeling ends on a moving average of its weights with this momentum, in [0, 1) (0 = off)
+SELF_LABEL_GUARD = True  # keep the model from before self-labeling if it raised the SCAN loss or emptied a cluster
 
 # Cluster analysis
 PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototypes.png
@@ -170,7 +175,8 @@ RECIPES = {
         "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.001, "embed_raw_pixels": False,
         "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10, "num_heads": 10,
         "clustering_loss": "scan", "sample_one_neighbour": True, "tune_encoder_during_clustering": True,
-        "clustering_epochs": 50, "clustering_learning_rate": 0.0001,
+        "clustering_epochs": 50, "clustering_learning_rate": 0.0001, "strong_augmentation": "scan",
+        "keep_best_clustering_epoch": True,
         "self_label_epochs": 200, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
     # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images: nearly all the
@@ -182,7 +188,7 @@ RECIPES = {
         "embed_raw_pixels": False, "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10,
         "num_heads": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
         "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,
-        "clustering_learning_rate": 0.001,
+        "clustering_learning_rate": 0.001, "strong_augmentation": "scan", "keep_best_clustering_epoch": True,
         "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
     },
     # SCAN cut to 10 minutes on one GPU, as measured on an H200 (docs/gpu-recipe.md): 200 SimCLR epochs after a
@@ -206,6 +212,8 @@ CHOICES = {
     "recipe": list(RECIPES),
     "encoder": ["resnet50v2", "resnet18", "small"],
     "augmentation": ["tutorial", "tutorial-layers", "simclr"],
+    "strong_augmentation": ["augmentation", "scan"],
+    "self_label_weak_view": ["none", "flip-shift"],
     "projection_head": ["tutorial", "mlp"],
     "mining_features": ["encoder", "projection"],
     "contrastive_loss": ["tutorial", "ntxent"],
@@ -229,9 +237,12 @@ STAGE_SETTINGS = {
     "clustering": [
         "seed", "num_clusters", "num_heads", "clustering_loss", "sample_one_neighbour",
         "tune_encoder_during_clustering", "cluster_on_features", "entropy_loss_weight", "clustering_epochs",
-        "clustering_learning_rate", "weight_decay", "batch_size",
+        "clustering_learning_rate", "weight_decay", "batch_size", "strong_augmentation", "keep_best_clustering_epoch",
     ],
-    "self_labeling": ["self_label_epochs", "self_label_threshold", "self_label_learning_rate"],
+    "self_labeling": [
+        "self_label_epochs", "self_label_threshold", "self_label_learning_rate", "self_label_weak_view",
+        "self_label_ema", "self_label_guard",
+    ],
     "predictions": [],
 }  # fmt: skip
 # Upper bounds of the settings whose larger values would exhaust memory rather than do more work.
@@ -375,6 +386,8 @@ def validate_settings(settings, choices):
         raise UsageError(f"--dropout_rate={settings.dropout_rate}: must be in [0, 1)")
     if not 0 < settings.self_label_threshold < 1:
         raise UsageError(f"--self_label_threshold={settings.self_label_threshold}: must be between 0 and 1")
+    if not 0 <= settings.self_label_ema < 1:
+        raise UsageError(f"--self_label_ema={settings.self_label_ema}: must be in [0, 1) (0 = off, e.g. 0.999)")
     if not 0 <= settings.learning_rate_decay_alpha <= 1 or settings.weight_decay < 0:
         raise UsageError("--learning_rate_decay_alpha must be in [0, 1] and --weight_decay at least 0")
     if not 0 <= settings.momentum < 1:
@@ -1172,6 +1185,8 @@ class ImageAugmentation(layers.Layer):
     kind "tutorial": the tutorial's translation (0.2), horizontal flip, rotation (0.15) and zoom (-0.3 to 0.1).
     kind "simclr": random resized crop (area 0.2-1, aspect ratio 3/4-4/3), horizontal flip, colour jitter
     (brightness, contrast, saturation 0.4, hue 0.1) with probability 0.8, grayscale with probability 0.2.
+    kind "scan": SCAN's strong augmentation, drawn per image: horizontal flip, 4 operations drawn from its RandAugment
+    list with random magnitudes, then a cut-out hole (see "SCAN's strong augmentation" below).
     kind "weak": horizontal flip and a whole-pixel shift of up to 1/8 of the side (the usual CIFAR crop).
     With `output_size`, the resampling writes augmented images of that side directly (no second resize).
     """
@@ -1195,19 +1210,26 @@ class ImageAugmentation(layers.Layer):
             transforms = tutorial_transforms(parameters, height, width)
         elif self.kind == "simclr":
             transforms = random_resized_crop_transforms(batch_size, height, width, self.seed_generator)
+        elif self.kind == "scan":
+            parameters = sample_randaugment_parameters(batch_size, 4, self.seed_generator)
+            transforms = randaugment_transforms(parameters, height, width)
         else:
             transforms = random_shift_transforms(batch_size, height, width, 0.125, self.seed_generator)
         output_size = (self.output_size or height, self.output_size or width)
         if output_size != (height, width):
             transforms = rescale_transforms(transforms, height / output_size[0], width / output_size[1])
-        images = affine_resample(images, transforms, output_size)
+        if self.kind == "scan":
+            images = scan_strong_augmentation(images, parameters, transforms, output_size)
+        else:
+            images = affine_resample(images, transforms, output_size)
         if self.kind == "simclr":
             images = random_colour_distortion(images / 255.0, self.seed_generator) * 255.0
         return replica_rows(images, num_rows)
 
 
-def affine_resample(images, transforms, output_size=None):
-    """Bilinear resampling of images [B, H, W, C] by one affine map per image, edges extended ("nearest" fill).
+def affine_resample(images, transforms, output_size=None, fill_value=None):
+    """Bilinear resampling of images [B, H, W, C] by one affine map per image, edges extended ("nearest" fill), or,
+    with `fill_value`, points outside the image (as PIL's nearest pixel sees them) take that value.
 
     transforms [B, 6] = (a0, a1, a2, b0, b1, b2) map each output pixel (x, y) to the input point
     (a0 x + a1 y + a2, b0 x + b1 y + b2), as in `keras.ops.image.affine_transform`. The output is
@@ -1223,8 +1245,8 @@ def affine_resample(images, transforms, output_size=None):
     # the new axes of a slice of a stacked tensor.)
     a0, a1, a2, b0, b1, b2 = [ops.reshape(transforms[:, i], (-1, 1, 1)) for i in range(6)]
     # Source coordinates [B, H, W], clamped so that points outside take the nearest edge pixel.
-    x = ops.clip(a0 * xs + a1 * ys + a2, 0.0, width - 1.0)
-    y = ops.clip(b0 * xs + b1 * ys + b2, 0.0, height - 1.0)
+    x_unclamped, y_unclamped = a0 * xs + a1 * ys + a2, b0 * xs + b1 * ys + b2
+    x, y = ops.clip(x_unclamped, 0.0, width - 1.0), ops.clip(y_unclamped, 0.0, height - 1.0)
     x0, y0 = ops.floor(x), ops.floor(y)
     weight_x, weight_y = ops.cast((x - x0)[..., None], images.dtype), ops.cast((y - y0)[..., None], images.dtype)
     x0, y0 = ops.cast(x0, "int32"), ops.cast(y0, "int32")
@@ -1235,7 +1257,11 @@ def affine_resample(images, transforms, output_size=None):
     gather = lambda yy, xx: ops.take(pixels, offsets + yy * width + xx, axis=0)  # noqa: E731  ([B, H, W, C])
     top = gather(y0, x0) * (1 - weight_x) + gather(y0, x1) * weight_x
     bottom = gather(y1, x0) * (1 - weight_x) + gather(y1, x1) * weight_x
-    return top * (1 - weight_y) + bottom * weight_y
+    resampled = top * (1 - weight_y) + bottom * weight_y
+    if fill_value is None:
+        return resampled
+    inside = (x_unclamped >= -0.5) & (x_unclamped < width - 0.5) & (y_unclamped >= -0.5) & (y_unclamped < height - 0.5)
+    return ops.where(inside[..., None], resampled, ops.cast(fill_value, images.dtype))
 
 
 def rescale_transforms(transforms, scale_y, scale_x):
@@ -1354,6 +1380,192 @@ def random_colour_distortion(images, seed, strength=(0.4, 0.4, 0.4, 0.1), jitter
     jittered = ops.clip(ops.einsum("bhwc,bdc->bhwd", jittered, ops.cast(hue_matrices, images.dtype)), 0, 1)
     images = ops.where(uniform() < jitter_probability, jittered, images)
     return ops.where(uniform() < gray_probability, ops.repeat(grayscale(images), 3, axis=-1), images)
+
+
+"""
+### SCAN's strong augmentation
+
+SCAN's code (`augmentation_strategy: ours`) flips the image horizontally with probability 0.5, applies 4 operations
+drawn with replacement from a RandAugment-like list of 14, each with a magnitude drawn uniformly from its range,
+then cuts out one square hole (its side up to half the image) filled with the mean colour. `"scan"` draws all of
+this per image and applies it as one batched function: the geometric operations (rotation, shear, translation)
+compose into the flip's affine map, resampled once with black fill as PIL does; each of the 4 slots then
+applies its drawn pixel operation through per-image selections. Two approximations, both small: the geometry comes
+before every pixel operation (SCAN interleaves them in the drawn order), and one bilinear resampling replaces PIL's
+nearest-pixel one per operation.
+"""
+
+# SCAN's operations (data/augment.py) in its order, with the range its magnitude is drawn from.
+RANDAUGMENT_OPERATIONS = [
+    ("identity", 0, 1), ("autocontrast", 0, 1), ("equalize", 0, 1), ("rotate", -30, 30), ("solarize", 0, 256),
+    ("color", 0.05, 0.95), ("contrast", 0.05, 0.95), ("brightness", 0.05, 0.95), ("sharpness", 0.05, 0.95),
+    ("shear_x", -0.1, 0.1), ("translate_x", -0.1, 0.1), ("translate_y", -0.1, 0.1), ("posterize", 4, 8),
+    ("shear_y", -0.1, 0.1),
+]  # fmt: skip
+RANDAUGMENT_INDEX = {name: index for index, (name, _, _) in enumerate(RANDAUGMENT_OPERATIONS)}
+# The operations whose sign SCAN flips with probability 0.5 (its `random_mirror`).
+MIRRORED_OPERATIONS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+
+
+def sample_randaugment_parameters(batch_size, num_operations, seed):
+    """Per-image draws of SCAN's strong augmentation: a flip [B], and per slot [num_operations, B] the operation's
+    index and its signed magnitude; the cut-out hole's centre (shares of the side) and length (share of the side)."""
+    uniform = lambda shape=(batch_size,), low=0.0, high=1.0: keras.random.uniform(shape, low, high, seed=seed)  # noqa: E731
+    slots = (num_operations, batch_size)
+    operations = keras.random.randint(slots, 0, len(RANDAUGMENT_OPERATIONS), seed=seed)
+    low = ops.take(ops.convert_to_tensor([low for _, low, _ in RANDAUGMENT_OPERATIONS], "float32"), operations)
+    high = ops.take(ops.convert_to_tensor([high for _, _, high in RANDAUGMENT_OPERATIONS], "float32"), operations)
+    mirrored = ops.convert_to_tensor([name in MIRRORED_OPERATIONS for name, _, _ in RANDAUGMENT_OPERATIONS])
+    sign = ops.where(ops.logical_and(ops.take(mirrored, operations), uniform(slots) < 0.5), -1.0, 1.0)
+    return {
+        "flip": uniform() < 0.5,
+        "operations": operations,
+        "magnitudes": sign * (low + uniform(slots) * (high - low)),
+        "cutout_y": uniform(),
+        "cutout_x": uniform(),
+        "cutout_length": uniform(),  # SCAN: an integer from 1 to half the side, uniformly
+    }
+
+
+def randaugment_matrices(operations, magnitudes, height, width):
+    """Homogeneous affine maps [B, 3, 3] (output pixel -> input pixel, pixel centres at integers) of one slot's
+    operations [B] with magnitudes [B]; the identity for the pixel operations. They are PIL's maps: a rotation by
+    the magnitude in degrees, counter-clockwise about the centre; shears and translations (shares of the side)."""
+    ones, zeros = ops.ones_like(magnitudes), ops.zeros_like(magnitudes)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    # PIL's rotate samples at angle -magnitude (in its y-down coordinates).
+    cos, sin = ops.cos(-magnitudes * np.pi / 180), ops.sin(-magnitudes * np.pi / 180)
+    # PIL's AFFINE (a, b, c, d, e, f) maps pixel centres (x + 0.5, y + 0.5); in pixel indices its offset is
+    # c + (a + b - 1) / 2, so a shear also moves the image by half its magnitude.
+    maps = {
+        "rotate": (cos, sin, centre_x - centre_x * cos - centre_y * sin, -sin, cos, centre_y + centre_x * sin - centre_y * cos),
+        "shear_x": (ones, magnitudes, magnitudes / 2, zeros, ones, zeros),
+        "shear_y": (ones, zeros, zeros, magnitudes, ones, magnitudes / 2),
+        "translate_x": (ones, zeros, magnitudes * width, zeros, ones, zeros),
+        "translate_y": (ones, zeros, zeros, zeros, ones, magnitudes * height),
+    }  # fmt: skip
+    matrices = affine_matrices(ones, zeros, zeros, zeros, ones, zeros)
+    for name, coefficients in maps.items():
+        selected = ops.reshape(operations == RANDAUGMENT_INDEX[name], (-1, 1, 1))
+        matrices = ops.where(selected, affine_matrices(*coefficients), matrices)
+    return matrices
+
+
+def randaugment_transforms(parameters, height, width):
+    """Affine maps [B, 6] of the flip followed by every slot's geometric operation, in the drawn order."""
+    flip = ops.cast(parameters["flip"], "float32")
+    ones, zeros = ops.ones_like(flip), ops.zeros_like(flip)
+    composed = affine_matrices(1 - 2 * flip, zeros, flip * (width - 1), zeros, ones, zeros)
+    for slot in range(parameters["operations"].shape[0]):
+        slot_maps = randaugment_matrices(parameters["operations"][slot], parameters["magnitudes"][slot], height, width)
+        composed = ops.matmul(composed, slot_maps)  # Each operation samples the previous one's output.
+    return ops.reshape(composed[:, :2, :], (-1, 6))  # [B, 2, 3] -> [B, 6]
+
+
+def autocontrast(images):
+    """PIL's ImageOps.autocontrast of [0, 255] images [B, H, W, C]: each channel stretched to the full range."""
+    low = ops.min(images, axis=(1, 2), keepdims=True)
+    high = ops.max(images, axis=(1, 2), keepdims=True)
+    stretched = (images - low) * (255.0 / ops.maximum(high - low, 1e-3))
+    return ops.where(high > low, ops.clip(stretched, 0, 255), images)
+
+
+def equalize(images):
+    """PIL's ImageOps.equalize of [0, 255] images [B, H, W, C]: each channel's levels through its cumulative histogram
+    (PIL's step: the pixels outside the top level over 255; a channel with a step of 0 stays as it is)."""
+    batch_size, channels = ops.shape(images)[0], images.shape[-1]
+    levels = ops.cast(ops.clip(ops.round(images), 0, 255), "int32")
+    # bins shape: [B, H, W, C]; each pixel's bin among the B * C histograms of 256 levels.
+    image_channel = ops.arange(batch_size, dtype="int32")[:, None, None, None] * channels
+    bins = ops.reshape((image_channel + ops.arange(channels, dtype="int32")) * 256 + levels, (-1,))
+    histograms = ops.reshape(
+        ops.segment_sum(ops.ones_like(bins, dtype="float32"), bins, num_segments=batch_size * channels * 256),
+        (-1, 256),
+    )  # [B * C, 256]
+    top_level = ops.max(ops.reshape(ops.transpose(levels, (0, 3, 1, 2)), (batch_size * channels, -1)), axis=1)
+    top_count = ops.take_along_axis(histograms, top_level[:, None], axis=1)[:, 0]
+    step = ops.floor((ops.sum(histograms, axis=1) - top_count) / 255.0)[:, None]  # [B * C, 1]
+    below = ops.cumsum(histograms, axis=1) - histograms  # pixels below each level
+    lookup = ops.clip(ops.floor((ops.floor(step / 2) + below) / ops.maximum(step, 1.0)), 0, 255)
+    lookup = ops.where(step > 0, lookup, ops.arange(256, dtype="float32"))
+    return ops.reshape(ops.take(ops.reshape(lookup, (-1,)), bins), ops.shape(images))
+
+
+def solarize(images, threshold):
+    """PIL's ImageOps.solarize: levels at or above `threshold` [B, 1, 1, 1] inverted."""
+    return ops.where(images < threshold, images, 255.0 - images)
+
+
+def posterize(images, bits):
+    """PIL's ImageOps.posterize: each level keeps its top `bits` [B, 1, 1, 1] bits (SCAN: int of the magnitude)."""
+    quantum = 2.0 ** (8 - ops.floor(bits))
+    return ops.floor(ops.round(images) / quantum) * quantum
+
+
+def smooth(images):
+    """PIL's ImageFilter.SMOOTH: the 3 x 3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13; the border stays."""
+    height, width = images.shape[1], images.shape[2]
+    padded = ops.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    total = 4 * images
+    for dy in range(3):
+        for dx in range(3):
+            total = total + padded[:, dy : dy + height, dx : dx + width, :]
+    border = np.ones((1, height, width, 1), dtype=bool)
+    border[:, 1:-1, 1:-1] = False
+    return ops.where(border, images, total / 13.0)
+
+
+def blend(degenerate, images, factor):
+    """PIL's ImageEnhance: `degenerate` + `factor` [B, 1, 1, 1] x (images - degenerate), clipped to [0, 255]."""
+    return ops.clip(degenerate + factor * (images - degenerate), 0, 255)
+
+
+def randaugment_pixel_operation(images, operations, magnitudes):
+    """One slot's pixel operations [B] with magnitudes [B] applied to [0, 255] images; the geometric ones (applied by
+    the resampling) and the identity leave an image as it is."""
+    factor = ops.reshape(magnitudes, (-1, 1, 1, 1))
+    gray = grayscale(images)
+    mean_gray = ops.round(ops.mean(gray, axis=(1, 2, 3), keepdims=True))  # PIL: int(mean + 0.5) of the L image
+    results = {
+        "autocontrast": autocontrast(images),
+        "equalize": equalize(images),
+        "solarize": solarize(images, factor),
+        "color": blend(gray, images, factor),
+        "contrast": blend(mean_gray, images, factor),
+        "brightness": blend(ops.zeros_like(images), images, factor),
+        "sharpness": blend(smooth(images), images, factor),
+        "posterize": posterize(images, factor),
+    }
+    for name, result in results.items():
+        images = ops.where(ops.reshape(operations == RANDAUGMENT_INDEX[name], (-1, 1, 1, 1)), result, images)
+    return images
+
+
+def cutout(images, centre_y, centre_x, length, fill):
+    """SCAN's Cutout: per image, the rows [y - length // 2, y + length // 2) and the same columns around the pixel
+    (y, x) (each [B], integers; the hole clipped to the image) take the colour `fill` [C]."""
+    height, width = images.shape[1], images.shape[2]
+    half, centre_y, centre_x = (ops.reshape(value, (-1, 1)) for value in (length // 2, centre_y, centre_x))
+    rows, columns = ops.arange(height, dtype="int32")[None], ops.arange(width, dtype="int32")[None]
+    in_rows = ops.logical_and(rows >= centre_y - half, rows < centre_y + half)  # [B, H]
+    in_columns = ops.logical_and(columns >= centre_x - half, columns < centre_x + half)  # [B, W]
+    hole = ops.logical_and(in_rows[:, :, None, None], in_columns[:, None, :, None])  # [B, H, W, 1]
+    return ops.where(hole, ops.cast(fill, images.dtype), images)
+
+
+def scan_strong_augmentation(images, parameters, transforms, output_size):
+    """SCAN's strong view of [0, 255] images: the resampling by `transforms` (flip and geometric operations) with
+    black fill, each slot's pixel operation, then the cut-out filled with the batch's mean colour (SCAN's zero after
+    normalisation is the data's mean colour)."""
+    images = affine_resample(images, transforms, output_size, fill_value=0.0)
+    for slot in range(parameters["operations"].shape[0]):
+        images = randaugment_pixel_operation(images, parameters["operations"][slot], parameters["magnitudes"][slot])
+    height, width = images.shape[1], images.shape[2]
+    max_length = max(1, min(height, width) // 2)
+    length = 1 + ops.cast(ops.floor(parameters["cutout_length"] * max_length), "int32")
+    centre_y = ops.cast(ops.floor(parameters["cutout_y"] * height), "int32")
+    centre_x = ops.cast(ops.floor(parameters["cutout_x"] * width), "int32")
+    return cutout(images, centre_y, centre_x, length, ops.mean(images, axis=(0, 1, 2)))
 
 
 def plot_augmentations(image, title, data_augmentation, path):
@@ -1632,12 +1844,16 @@ class CoupledWeightDecaySGD(keras.optimizers.SGD):
         super().update_step(gradient + ops.cast(self.l2, variable.dtype) * variable, variable, learning_rate)
 
 
-def create_optimizer(name, learning_rate, weight_decay, initial_learning_rate, momentum=0.9):
+def create_optimizer(name, learning_rate, weight_decay, initial_learning_rate, momentum=0.9, ema_momentum=0.0):
     """The optimizer "adamw" or "sgd" at `learning_rate` (a rate or a schedule that starts from, or warms up to,
-    `initial_learning_rate`), with `weight_decay` meaning what the section above says."""
+    `initial_learning_rate`), with `weight_decay` meaning what the section above says. With `ema_momentum` > 0,
+    AdamW also keeps a moving average of the weights, which replaces them when `fit` ends."""
     if name == "sgd":
         return CoupledWeightDecaySGD(weight_decay, learning_rate=learning_rate, momentum=momentum)
-    return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay / initial_learning_rate)
+    average = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum else {}
+    return keras.optimizers.AdamW(
+        learning_rate=learning_rate, weight_decay=weight_decay / initial_learning_rate, **average
+    )
 
 
 def learning_rate_schedule(learning_rate, total_steps, decay_steps, decay_alpha, warmup_steps):
@@ -1747,9 +1963,9 @@ def restore_checkpoint(model, backup_dir):
     return state["epoch"], state["history"]
 
 
-def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_arguments):
+def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, callbacks=(), **fit_arguments):
     """`model.fit` from the last epoch saved in `backup_dir`, saving at most every `checkpoint_seconds`; returns the
-    history of all epochs.
+    history of all epochs. `callbacks` run before the checkpoint, so the logs they add are in the history.
 
     Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite.
     """
@@ -1765,7 +1981,7 @@ def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_ar
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
         print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
-    callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
+    callbacks = [keras.callbacks.TerminateOnNaN(), *callbacks, EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
     synchronize_batch_normalization(model)
     # RowBatches shuffles its rows itself; Keras's shuffle of the batches' order would draw on the global random state.
     model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments)
@@ -2081,11 +2297,12 @@ computed once: far cheaper, and the standardisation of those features makes the 
 
 
 def create_clustering_head(num_clusters, cached_features=None, num_heads=1):
-    """The tutorial's softmax layer over the encoder's features: [batch_size, num_clusters]. With `num_heads` > 1,
+    """The tutorial's softmax layer over the encoder's features: [batch_size, num_clusters] (a Dense layer, then a
+    Softmax, so that self-labeling can learn on the logits). With `num_heads` > 1,
     that many softmax layers side by side: [batch_size, num_heads, num_clusters]. When the head learns on
     `cached_features` (CLUSTER_ON_FEATURES), it first L2-normalises and standardises them with their mean and
     variance: on a frozen encoder's features that conditioning is worth several points of accuracy."""
-    head = [layers.Dense(units=num_clusters, activation="softmax", dtype="float32")]
+    head = [layers.Dense(units=num_clusters, dtype="float32"), layers.Softmax(dtype="float32")]
     if num_heads > 1:
         head = [
             layers.Dense(units=num_heads * num_clusters, dtype="float32"),
@@ -2166,9 +2383,10 @@ def train_clustering_learner(
     steps_per_execution,
     checkpoint_seconds,
     backup_dir,
+    callbacks=(),
 ):
     """Trains the clustering learner on `batches` (RowBatches with neighbours), resuming from `backup_dir`; returns
-    the history of every epoch."""
+    the history of every epoch. `callbacks`: e.g. KeepBestEpoch."""
     # Instantiate the model losses: the tutorial's, or SCAN's when `scan_loss`.
     losses = [
         ClustersConsistencyLoss(from_logits=not scan_loss),
@@ -2185,6 +2403,7 @@ def train_clustering_learner(
         "clustering",
         "lower --clustering_learning_rate",
         checkpoint_seconds,
+        callbacks=callbacks,
         x=batches,
         epochs=epochs,
     )
@@ -2226,6 +2445,57 @@ def copy_head(heads, head, index):
 
 
 """
+### Keep the best epoch
+
+SCAN's code also evaluates that loss after every clustering epoch and keeps the epoch (and head) where it was
+lowest, rather than the last one: the loss needs no labels, and a head can drift after its best epoch.
+"""
+
+
+class KeepBestEpoch(keras.callbacks.Callback):
+    """After each epoch, the lowest SCAN loss of `model`'s heads over every row of `inputs` and all its neighbours,
+    logged as `scan_loss`; when training ends, `model` gets back the weights of the epoch where it was lowest.
+
+    That epoch's weights and loss are kept in `backup_dir`, so a resumed stage still knows them.
+    """
+
+    def __init__(self, model, inputs, neighbour_indices, batch_size, backup_dir, stage):
+        super().__init__()
+        self.evaluated = model  # (`self.model` is the learner being fitted, of which `model` is a part)
+        self.inputs = inputs
+        self.neighbour_indices = neighbour_indices
+        self.batch_size = batch_size
+        self.weights_path = os.path.join(backup_dir, "best.weights.h5")
+        self.state_path = os.path.join(backup_dir, "best.json")
+        self.stage = stage
+        self.best, self.last = None, None
+
+    def on_train_begin(self, logs=None):
+        if os.path.exists(self.state_path) and os.path.exists(self.weights_path):
+            self.best = read_json(self.state_path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = predict_in_full_batches(self.evaluated, self.inputs, self.batch_size)
+        if probabilities.ndim == 2:  # one head: [num_images, num_clusters] -> [num_images, 1, num_clusters]
+            probabilities = probabilities[:, None]
+        self.last = float(np.min(scan_head_losses(probabilities, self.neighbour_indices)))
+        logs["scan_loss"] = self.last
+        if np.isfinite(self.last) and (self.best is None or self.last < self.best["loss"]):
+            os.makedirs(os.path.dirname(self.weights_path), exist_ok=True)
+            save_weights(self.evaluated, self.weights_path)
+            self.best = {"epoch": epoch + 1, "loss": self.last}
+            save_json(self.best, self.state_path)
+
+    def on_train_end(self, logs=None):
+        if self.best is None:
+            return
+        self.evaluated.load_weights(self.weights_path)
+        last = "" if self.last is None else f" (the last epoch's: {self.last:.4f})"
+        best = self.best
+        print(f"{self.stage}: kept epoch {best['epoch']}, whose SCAN loss {best['loss']:.4f} is the lowest{last}")
+
+
+"""
 ### Train the model
 
 Two decisions shape the stage, each made in one place. What the head learns on (`choose_head_inputs`): the images,
@@ -2250,7 +2520,10 @@ def choose_head_inputs(run, data, preprocessing, representation, neighbours):
     images, as the neighbours stage computed them or computed here."""
     settings = run.settings
     if not settings.cluster_on_features:
-        return HeadInputs(False, data.train.images, preprocessing.image_rows, preprocessing.data_augmentation)
+        augmentation = preprocessing.data_augmentation
+        if settings.strong_augmentation != "augmentation":  # SCAN's strong view (STRONG_AUGMENTATION)
+            augmentation = create_data_augmentation(settings.strong_augmentation, settings.seed)
+        return HeadInputs(False, data.train.images, preprocessing.image_rows, augmentation)
     features = neighbours.encoder_features
     if features is None:
         features = compute_embeddings(
@@ -2326,6 +2599,12 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
     )
 
     def train_clustering(backup_dir):
+        # With KEEP_BEST_CLUSTERING_EPOCH, the epoch of the lowest SCAN loss is kept, as in SCAN's code.
+        keep_best = [
+            KeepBestEpoch(
+                models.training_model, inputs, neighbours.indices, settings.embedding_batch_size, backup_dir, "clustering"
+            )
+        ] if settings.keep_best_clustering_epoch else []  # fmt: skip
         history = train_clustering_learner(
             clustering_learner,
             RowBatches(
@@ -2344,6 +2623,7 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
             settings.steps_per_execution,
             settings.checkpoint_seconds,
             backup_dir,
+            callbacks=keep_best,
         )
         if models.heads is not models.head:
             keep_best_head(models, head_inputs, neighbours.indices, settings.embedding_batch_size)
@@ -2360,10 +2640,12 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
 ## Self-labeling
 
 SCAN's last step (not in the tutorial): the clustering model is fine-tuned on its own confident predictions.
-An image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on a weakly augmented view (flip and shift)
-takes that cluster as its pseudo-label; the model learns it on a strongly augmented view (`AUGMENTATION`)
-with cross-entropy weighted so that every cluster counts equally. With CLUSTER_ON_FEATURES the head alone
-learns, on the cached features, which serve as both views.
+An image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on the image itself (SCAN; or a flipped and
+shifted view, `SELF_LABEL_WEAK_VIEW`) takes that cluster as its pseudo-label; the model learns it on a strongly
+augmented view (`STRONG_AUGMENTATION`) with cross-entropy on the logits (SCAN's ConfidenceBasedCE), weighted so that
+every cluster counts equally. With CLUSTER_ON_FEATURES the head alone learns, on the cached features, which serve
+as both views. `SELF_LABEL_EMA` ends the stage on a moving average of the weights; `SELF_LABEL_GUARD` keeps the
+model from before when self-labeling raised the label-free SCAN loss or emptied a cluster that had confident images.
 """
 
 
@@ -2379,12 +2661,29 @@ def self_label_targets(weak_probabilities, threshold):
     return pseudo_labels, weights
 
 
-def self_label_loss(weak_probabilities, strong_probabilities, threshold):
-    """Class-balanced cross-entropy of the strong view against the weak view's confident pseudo-labels."""
-    pseudo_labels, weights = self_label_targets(ops.stop_gradient(weak_probabilities), threshold)
-    probabilities = ops.take_along_axis(ops.cast(strong_probabilities, "float32"), pseudo_labels[:, None], axis=1)
-    cross_entropy = -ops.log(ops.clip(probabilities[:, 0], 1e-7, 1.0))
+def self_label_loss(weak_logits, strong_logits, threshold):
+    """Class-balanced cross-entropy of the strong view's logits [B, K] against the weak view's confident
+    pseudo-labels: log_softmax keeps a gradient however small the pseudo-label's probability."""
+    weak_probabilities = ops.softmax(ops.cast(ops.stop_gradient(weak_logits), "float32"), axis=-1)
+    pseudo_labels, weights = self_label_targets(weak_probabilities, threshold)
+    log_probabilities = ops.log_softmax(ops.cast(strong_logits, "float32"), axis=-1)
+    cross_entropy = -ops.take_along_axis(log_probabilities, pseudo_labels[:, None], axis=1)[:, 0]
     return ops.sum(weights * cross_entropy) / ops.maximum(ops.sum(weights), 1e-12)
+
+
+def clustering_logits_model(clustering_model):
+    """The clustering model (or the head alone) without the head's last layer, its softmax: the same layers and
+    weights, logits out."""
+    if isinstance(clustering_model, keras.Sequential):  # the head, on cached features
+        return keras.Sequential(clustering_model.layers[:-1], name="clustering_logits")
+    inputs = keras.Input(shape=clustering_model.inputs[0].shape[1:])
+    outputs = inputs
+    for layer in clustering_model.layers:  # preprocessing, encoder, head: a chain
+        if isinstance(layer, layers.InputLayer):
+            continue
+        for part in layer.layers[:-1] if layer.name == "clustering_head" else [layer]:
+            outputs = part(outputs)
+    return keras.Model(inputs, outputs, name="clustering_logits")
 
 
 class SelfLabelLearner(keras.Model):
@@ -2392,33 +2691,42 @@ class SelfLabelLearner(keras.Model):
         super().__init__(**kwargs)
         # With the rows on the device (a DeviceRows layer), the inputs are their indices.
         self.rows = rows
-        self.clustering_model = clustering_model
+        self.clustering_logits = clustering_logits_model(clustering_model)
         self.weak_augmentation = weak_augmentation
         self.strong_augmentation = strong_augmentation
         self.threshold = threshold
 
     def call(self, inputs, training=False):
-        # Pseudo-labels come from a weak view (in the same mode, as in SCAN's code); the model learns on a strong view.
-        # On cached features (no augmentations) both views are the features themselves.
+        # Pseudo-labels come from the weak view (in the same mode, as in SCAN's code): the image itself when there is
+        # no weak augmentation; the model learns on the strong view. On cached features both are the features.
         inputs = inputs if self.rows is None else self.rows(inputs)
         weak, strong = inputs, inputs
         if self.weak_augmentation is not None:
             weak = self.weak_augmentation(inputs, training=training)
+        if self.strong_augmentation is not None:
             strong = self.strong_augmentation(inputs, training=training)
-        return self.clustering_model(weak, training=training), self.clustering_model(strong, training=training)
+        return self.clustering_logits(weak, training=training), self.clustering_logits(strong, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        weak_probabilities, strong_probabilities = gather_replicas(y_pred[0]), gather_replicas(y_pred[1])
-        return replica_share(self_label_loss(weak_probabilities, strong_probabilities, self.threshold))
+        weak_logits, strong_logits = gather_replicas(y_pred[0]), gather_replicas(y_pred[1])
+        return replica_share(self_label_loss(weak_logits, strong_logits, self.threshold))
 
 
 def train_self_labeling(
-    learner, batches, epochs, learning_rate, weight_decay, steps_per_execution, checkpoint_seconds, backup_dir
+    learner,
+    batches,
+    epochs,
+    learning_rate,
+    weight_decay,
+    steps_per_execution,
+    checkpoint_seconds,
+    backup_dir,
+    ema_momentum=0.0,
 ):
     """Trains the self-label learner on `batches` (RowBatches), resuming from `backup_dir`; returns the history of
-    every epoch."""
+    every epoch. With `ema_momentum` > 0, the weights end as their moving average (Keras's optimizer EMA)."""
     learner.compile(
-        optimizer=create_optimizer("adamw", learning_rate, weight_decay, learning_rate),
+        optimizer=create_optimizer("adamw", learning_rate, weight_decay, learning_rate, ema_momentum=ema_momentum),
         steps_per_execution=steps_per_execution,
     )
     return fit_resumable(
@@ -2430,6 +2738,29 @@ def train_self_labeling(
         x=batches,
         epochs=epochs,
     )
+
+
+def self_label_augmentations(weak_view, strong_augmentation, augmentation, seed):
+    """Self-labeling's weak and strong augmentations of images: the weak one None ("none": the image itself, as SCAN)
+    or a flip and shift ("flip-shift"); the strong one AUGMENTATION's kind ("augmentation") or SCAN's ("scan")."""
+    weak = None if weak_view == "none" else ImageAugmentation("weak", seed=seed + 7)
+    strong_kind = augmentation if strong_augmentation == "augmentation" else strong_augmentation
+    return weak, create_data_augmentation(strong_kind, seed + 11)
+
+
+def self_labeling_verdict(before, after, neighbour_indices, threshold):
+    """Whether self-labeling, which changed the probabilities [num_images, num_clusters] `before` into `after`, is
+    kept: not if a cluster that had images more than `threshold` confident is now empty, nor if it raised the
+    label-free SCAN loss over every image and all its neighbours. Returns (keep, the reason in words)."""
+    loss_before, loss_after = scan_head_losses(np.stack([before, after], axis=1), neighbour_indices)
+    confident_clusters = np.unique(np.argmax(before[np.max(before, axis=-1) > threshold], axis=-1))
+    sizes_after = np.bincount(np.argmax(after, axis=-1), minlength=before.shape[-1])
+    emptied = [int(cluster) for cluster in confident_clusters if sizes_after[cluster] == 0]
+    if emptied:
+        return False, f"it emptied {len(emptied)} clusters that had confident images ({', '.join(map(str, emptied))})"
+    if loss_after > loss_before:
+        return False, f"it raised the SCAN loss from {loss_before:.4f} to {loss_after:.4f}"
+    return True, f"the SCAN loss went from {loss_before:.4f} to {loss_after:.4f} and no cluster was emptied"
 
 
 """
@@ -2447,7 +2778,7 @@ class SelfLabeling(NamedTuple):
     before: dict | None  # accuracy, NMI and ARI of the evaluated split before self-labeling; None without labels
 
 
-def self_label(run, data, representation, clustering):
+def self_label(run, data, representation, neighbours, clustering):
     """Fine-tunes the clustering model on its own confident predictions (or reuses the cached result); saves
     self_label_loss.png. SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss)
     shows."""
@@ -2466,9 +2797,8 @@ def self_label(run, data, representation, clustering):
     if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
         for layer in representation.encoder.layers:
             layer.trainable = True
-        augmentations = (
-            ImageAugmentation("weak", seed=settings.seed + 7),
-            create_data_augmentation(settings.augmentation, settings.seed + 11),
+        augmentations = self_label_augmentations(
+            settings.self_label_weak_view, settings.strong_augmentation, settings.augmentation, settings.seed
         )
     history = run.cache.trained_model(
         "self_labeling",
@@ -2476,7 +2806,13 @@ def self_label(run, data, representation, clustering):
         "self-labeling",
         clustering.model,
         lambda backup_dir: run_self_labeling(
-            clustering.self_labeling_model, head_inputs.inputs, head_inputs.rows, augmentations, settings, backup_dir
+            clustering.self_labeling_model,
+            head_inputs.inputs,
+            head_inputs.rows,
+            augmentations,
+            settings,
+            backup_dir,
+            neighbours.indices,
         ),
     )
     if history:
@@ -2484,10 +2820,13 @@ def self_label(run, data, representation, clustering):
     return SelfLabeling(history, before)
 
 
-def run_self_labeling(clustering_model, inputs, device_rows, augmentations, settings, backup_dir):
+def run_self_labeling(
+    clustering_model, inputs, device_rows, augmentations, settings, backup_dir, neighbour_indices=None
+):
     """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
-    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None
-    for features). Returns the history."""
+    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None:
+    the inputs themselves). With SELF_LABEL_GUARD, the model from before is kept when self_labeling_verdict on all
+    `inputs` and their `neighbour_indices` says so. Returns the history."""
     probabilities = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
     is_confident = np.max(probabilities, axis=-1) > settings.self_label_threshold
     confident = int(np.sum(is_confident))
@@ -2500,10 +2839,11 @@ def run_self_labeling(clustering_model, inputs, device_rows, augmentations, sett
     if not confident:
         print("self-labeling: no image passes --self_label_threshold, so the SCAN model is kept as it is")
         return {}
+    weights_before = clustering_model.get_weights()
     learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold, rows=device_rows)
     # Builds the learner, so that a checkpoint can be restored.
     learner(np.arange(2) if device_rows else inputs[:2].astype("float32"))
-    return train_self_labeling(
+    history = train_self_labeling(
         learner,
         RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else inputs),
         settings.self_label_epochs,
@@ -2512,7 +2852,15 @@ def run_self_labeling(clustering_model, inputs, device_rows, augmentations, sett
         settings.steps_per_execution,
         settings.checkpoint_seconds,
         backup_dir,
+        settings.self_label_ema,
     )
+    if settings.self_label_guard and neighbour_indices is not None:
+        after = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
+        keep, reason = self_labeling_verdict(probabilities, after, neighbour_indices, settings.self_label_threshold)
+        if not keep:
+            clustering_model.set_weights(weights_before)
+        print(f"self-labeling: {'kept' if keep else 'undone, the clustering model is kept'}: {reason}")
+    return history
 
 
 """
@@ -3008,7 +3356,7 @@ def train_and_evaluate(settings, gpus, num_devices, stage_settings):
     if settings.self_label_epochs:
         print(f"\n## Self-labeling: {settings.self_label_epochs} epochs")
         with run.times.stage("self_labeling"):
-            self_labeling = self_label(run, data, representation, clustering)
+            self_labeling = self_label(run, data, representation, neighbours, clustering)
 
     print("\n## Cluster analysis")
     with run.times.stage("cluster_analysis"):

@@ -130,7 +130,9 @@ def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=F
         contrastive_loss=loss,
         rows=None if tutorial_formulation else bench.rows,
     )
-    learner.compile(optimizer=scan.create_adamw(1e-3, 1e-4), jit_compile=not tutorial_formulation and "auto")
+    learner.compile(
+        optimizer=scan.create_optimizer("adamw", 1e-3, 1e-4, 1e-3), jit_compile=not tutorial_formulation and "auto"
+    )
     if tutorial_formulation:
         batches = scan.RowBatches(len(bench.images), bench.arguments.batch_size, 0, rows=bench.images)
         timing = bench.time_fit(learner, batches, min(bench.arguments.steps or 3, 3))
@@ -150,7 +152,7 @@ def clustering(bench):
     augmentation = scan.create_data_augmentation("tutorial", seed=0)
     learner = scan.create_clustering_learner(model, augmentation, 5, (32, 32, 3), bench.rows)
     losses = [scan.ClustersConsistencyLoss(), scan.ClustersEntropyLoss(5.0)]
-    learner.compile(optimizer=scan.create_adamw(5e-4, 1e-4), loss=losses)
+    learner.compile(optimizer=scan.create_optimizer("adamw", 5e-4, 1e-4, 5e-4), loss=losses)
     neighbours = np.random.default_rng(1).integers(0, len(bench.images), size=(len(bench.images), 5))
     # Frozen encoder: one forward pass for each anchor and each of its 5 neighbours.
     return bench.time_fit(learner, bench.batches(neighbour_indices=neighbours)), bench.floor(forward_flops(encoder), 6)
@@ -164,7 +166,7 @@ def self_labeling(bench):
     )
     weak, strong = scan.ImageAugmentation("weak", seed=7), scan.create_data_augmentation("simclr", seed=11)
     learner = scan.SelfLabelLearner(model, weak, strong, 0.99, rows=bench.rows)
-    learner.compile(optimizer=scan.create_adamw(1e-4, 1e-4))
+    learner.compile(optimizer=scan.create_optimizer("adamw", 1e-4, 1e-4, 1e-4))
     # A forward pass of the weak view, forward and backward of the strong one.
     return bench.time_fit(learner, bench.batches()), bench.floor(forward_flops(encoder), 1 + 3)
 

@@ -57,7 +57,9 @@ def build(stage):
         return learner, lambda folder: scan.train_clustering_learner(
             learner, batches, 1, 0.05, 0.0, 5.0, True, 1, 0, folder
         )
-    learner = scan.SelfLabelLearner(clustering_model(1), scan.ImageAugmentation("weak", seed=2), augmentation, 0.34)
+    # SCAN's strong view: each replica draws it for the global batch, whose mean colour fills the cut-out.
+    strong = scan.ImageAugmentation("scan", seed=3)
+    learner = scan.SelfLabelLearner(clustering_model(1), scan.ImageAugmentation("weak", seed=2), strong, 0.34)
     learner(IMAGES[:2])
     batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
     return learner, lambda folder: scan.train_self_labeling(learner, batches, 1, 0.05, 0.0, 1, 0, folder)

@@ -132,7 +132,15 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1
     assert knn and float(knn.group(1)) == round(100 * metrics["knn_accuracy"], 2)
-    assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"}  # 10 heads too
+    # 10 heads too; with KEEP_BEST_CLUSTERING_EPOCH (scan, cpu) each epoch's SCAN loss of the best head as well.
+    keep_best = recipe in ("scan", "cpu")
+    assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"} | (
+        {"scan_loss"} if keep_best else set()
+    )
+    assert bool(re.search(r"^clustering: kept epoch 1, whose SCAN loss", out, flags=re.MULTILINE)) == keep_best
+    assert re.search(r"^self-labeling: (kept|undone, the clustering model is kept): ", out, flags=re.MULTILINE) or (
+        "no image passes --self_label_threshold" in out
+    )
     for name in ["confusion_matrix_train.png", "confusion_matrix_eval.png", "prototypes.png"]:
         assert (output_dir / name).stat().st_size > 1000
     if (recipe, backend) != ("cpu", "jax"):

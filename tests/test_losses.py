@@ -177,14 +177,43 @@ def test_self_label_threshold_selects_exactly_the_confident_images_with_class_ba
     np.testing.assert_allclose(ops.convert_to_numpy(weights), [1.5, 0, 3, 1.5, 0])
 
 
-def test_self_label_loss_is_the_weighted_cross_entropy_and_zero_without_confident_images():
-    weak = np.array([[0.95, 0.05], [0.6, 0.4], [0.01, 0.99]], dtype="float32")
-    strong = np.array([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6]], dtype="float32")
-    # Rows 0 and 2 are confident, one per label: equal weights, so the mean of -log 0.7 and -log 0.6.
-    actual = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.9)
-    np.testing.assert_allclose(ops.convert_to_numpy(actual), (-np.log(0.7) - np.log(0.6)) / 2, rtol=1e-5)
-    none = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.999)
-    assert float(ops.convert_to_numpy(none)) == 0.0
+def self_label_loss_reference(weak_logits, strong_logits, threshold):
+    """SCAN's ConfidenceBasedCE with class balancing, written out in numpy: F.cross_entropy of the confident rows,
+    each weighted by n / (its pseudo-label's count), averaged with those weights."""
+    weak = np.exp(log_softmax(weak_logits))
+    confident = weak.max(axis=1) > threshold
+    targets = weak.argmax(axis=1)[confident]
+    if not confident.any():
+        return 0.0
+    labels, counts = np.unique(targets, return_counts=True)
+    class_weight = np.ones(weak.shape[1])
+    class_weight[labels] = len(targets) / counts
+    cross_entropy = -log_softmax(strong_logits)[confident][np.arange(len(targets)), targets]
+    weights = class_weight[targets]
+    return np.sum(weights * cross_entropy) / np.sum(weights)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.9999])
+def test_self_label_loss_on_logits_matches_scans_confidence_based_cross_entropy(threshold):
+    rng = np.random.default_rng(12)
+    weak = rng.normal(0, 4, size=(40, 5)).astype("float32")
+    strong = rng.normal(0, 4, size=(40, 5)).astype("float32")
+    actual = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), threshold)
+    expected = self_label_loss_reference(weak.astype("float64"), strong.astype("float64"), threshold)
+    np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_self_label_loss_keeps_its_gradient_when_the_pseudo_label_is_improbable():
+    import tensorflow as tf
+
+    # The strong view gives the pseudo-label a probability of about e^-40: clipping log(p) at 1e-7 had no gradient.
+    weak = tf.constant([[20.0, 0.0]])
+    strong = tf.Variable([[0.0, 40.0]])
+    with tf.GradientTape() as tape:
+        loss = scan.self_label_loss(weak, strong, 0.99)
+    np.testing.assert_allclose(float(loss), 40.0, rtol=1e-5)
+    # d/dz of -log_softmax(z)[0] is softmax(z) - one_hot(0): about (-1, 1).
+    np.testing.assert_allclose(tape.gradient(loss, strong).numpy(), [[-1.0, 1.0]], atol=1e-6)
 
 
 def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the_head():
@@ -193,12 +222,48 @@ def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the
     learner = scan.SelfLabelLearner(head, None, None, threshold=0.34)  # every argmax of 3 clusters passes 1/3
     weak, strong = (ops.convert_to_numpy(view) for view in learner(features))
     np.testing.assert_array_equal(weak, strong)
-    np.testing.assert_allclose(weak, ops.convert_to_numpy(head(features)), atol=1e-6)
-    expected = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), 0.34)
+    # The learner sees the head's logits: their softmax is the head's output.
+    np.testing.assert_allclose(np.exp(log_softmax(weak)), ops.convert_to_numpy(head(features)), atol=1e-6)
+    expected = self_label_loss_reference(weak, strong, 0.34)
     learner.compile(optimizer=scan.create_optimizer("adamw", 0.05, 0.0, 0.05))
     losses = learner.fit(features, batch_size=30, epochs=5, shuffle=False, verbose=0).history["loss"]
-    assert losses[0] == pytest.approx(float(ops.convert_to_numpy(expected)), rel=1e-4)
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
     assert losses[-1] < losses[0]  # the head becomes more confident in its own pseudo-labels
+
+
+def test_the_clustering_models_logits_are_the_log_of_its_probabilities_up_to_a_constant():
+    images = np.random.default_rng(8).uniform(0, 255, size=(6, 16, 16, 3)).astype("float32")
+    model = scan.create_clustering_model(
+        scan.create_encoder("small", 8), scan.create_clustering_head(4), 16, scan.create_data_preprocessing(16, images)
+    )
+    logits = scan.clustering_logits_model(model).predict(images, verbose=0)
+    np.testing.assert_allclose(np.exp(log_softmax(logits)), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_self_label_ema_ends_on_the_moving_average_of_the_unaveraged_weights(tmp_path):
+    import keras
+
+    features = np.random.default_rng(9).normal(size=(20, 6)).astype("float32")
+
+    def learner():
+        keras.utils.set_random_seed(0)
+        head = scan.create_clustering_head(3, features)
+        learner = scan.SelfLabelLearner(head, None, None, threshold=0.34)
+        learner(features[:2])
+        return learner, head.layers[-2]  # the Dense layer
+
+    # Without the average: the kernel after each of the epoch's 2 steps.
+    plain, dense = learner()
+    plain.compile(optimizer=scan.create_optimizer("adamw", 0.05, 0.0, 0.05))
+    kernels = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: kernels.append(dense.get_weights()[0]))
+    plain.fit(scan.RowBatches(20, 10, seed=0, rows=features), epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    averaged, dense = learner()
+    batches = scan.RowBatches(20, 10, seed=0, rows=features)
+    scan.train_self_labeling(averaged, batches, 1, 0.05, 0.0, 1, 0, str(tmp_path), ema_momentum=0.9)
+    # Keras's average starts at the weights after the first step (momentum 0 there), then takes in each step's.
+    np.testing.assert_allclose(dense.get_weights()[0], 0.9 * kernels[0] + 0.1 * kernels[1], atol=1e-6)
+    assert not np.allclose(kernels[0], kernels[1])
 
 
 def reference_learning_rate(step, learning_rate, total_steps, decay_steps, alpha, warmup_steps):

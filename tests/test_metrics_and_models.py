@@ -105,13 +105,13 @@ def test_clustering_head_standardises_the_unit_vectors_of_cached_features():
     features = np.random.default_rng(5).normal(3.0, 2.0, size=(50, 6)).astype("float32")
     head = scan.create_clustering_head(4, features)
     probabilities = ops.convert_to_numpy(head(features))
-    kernel, bias = head.layers[-1].get_weights()
+    kernel, bias = head.layers[-2].get_weights()
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     standardised = (unit - unit.mean(axis=0)) / unit.std(axis=0)
     np.testing.assert_allclose(probabilities, softmax(standardised @ kernel + bias), atol=1e-4)
-    tutorial_head = scan.create_clustering_head(4)  # without cached features: the tutorial's softmax layer alone
+    tutorial_head = scan.create_clustering_head(4)  # without cached features: the tutorial's Dense and softmax
     probabilities = ops.convert_to_numpy(tutorial_head(features))
-    kernel, bias = tutorial_head.layers[-1].get_weights()
+    kernel, bias = tutorial_head.layers[-2].get_weights()
     np.testing.assert_allclose(probabilities, softmax(features @ kernel + bias), atol=1e-5)
 
 

@@ -112,6 +112,11 @@ def script_settings(argv):
         ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
         ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
+        ("--strong_augmentation=simclr", "--strong_augmentation=simclr: choose one of augmentation, scan"),
+        ("--self_label_weak_view=weak", "--self_label_weak_view=weak: choose one of none, flip-shift"),
+        ("--self_label_ema=1", "--self_label_ema=1.0: must be in [0, 1) (0 = off, e.g. 0.999)"),
+        ("--self_label_ema=-0.5", "--self_label_ema=-0.5: must be in [0, 1)"),
+        ("--self_label_guard=maybe", "--self_label_guard=maybe: expected true or false"),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
