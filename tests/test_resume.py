@@ -220,12 +220,12 @@ def test_data_fingerprint_covers_pixels_and_labels():
 # (issue 21): a run of the code as it is now must reuse the stage cache of a run before that change.
 PINNED_FINGERPRINTS = {
     "tutorial": {
-        "representation": "d3d980c133cd", "embeddings": "d5c5c2a32f42", "neighbours": "3828733bfd3e",
-        "clustering": "cc017bcf81ae", "self_labeling": "35888a103f1d", "predictions": "f6cfd6f5ff88",
+        "representation": "e436a691862c", "embeddings": "dd7cd7b0d4cb", "neighbours": "a4f8c018ab47",
+        "clustering": "38b90937756f", "self_labeling": "8ddd3e2dbe93", "predictions": "72d01d288c52",
     },
     "cpu": {
-        "representation": "8049fe3849c4", "embeddings": "3e2b8f983e61", "neighbours": "ee0faa26f53d",
-        "clustering": "52d8bddebdd9", "self_labeling": "96a9fcb9d07e", "predictions": "fb587abeb73f",
+        "representation": "4f5b130ce1e0", "embeddings": "ef84e411aaf9", "neighbours": "b17790620b19",
+        "clustering": "3c239a887eed", "self_labeling": "c6c3d5cd2460", "predictions": "e714f6393086",
     },
 }  # fmt: skip
 
