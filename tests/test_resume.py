@@ -221,11 +221,11 @@ def test_data_fingerprint_covers_pixels_and_labels():
 PINNED_FINGERPRINTS = {
     "tutorial": {
         "representation": "e436a691862c", "embeddings": "dd7cd7b0d4cb", "neighbours": "a4f8c018ab47",
-        "clustering": "38b90937756f", "self_labeling": "8ddd3e2dbe93", "predictions": "72d01d288c52",
+        "clustering": "dc3015d23a7c", "self_labeling": "e79e052ee807", "predictions": "d7ea906357b9",
     },
     "cpu": {
         "representation": "4f5b130ce1e0", "embeddings": "ef84e411aaf9", "neighbours": "b17790620b19",
-        "clustering": "3c239a887eed", "self_labeling": "c6c3d5cd2460", "predictions": "e714f6393086",
+        "clustering": "d44750337afd", "self_labeling": "73e4a2aae853", "predictions": "03b12fb218de",
     },
 }  # fmt: skip
 
