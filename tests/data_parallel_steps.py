@@ -25,7 +25,7 @@ BATCH_SIZE, SIZE = 8, 16
 IMAGES = np.stack([class_image(index % 3, index, SIZE) for index in range(BATCH_SIZE)])
 NEIGHBOURS = (np.arange(BATCH_SIZE)[:, None] + np.array([1, 2])) % BATCH_SIZE
 # Plain SGD, so the updated weights show the gradients themselves (Adam's first step is about lr * sign(gradient)).
-scan.create_optimizer = lambda name, learning_rate, *unused: keras.optimizers.SGD(learning_rate)
+scan.create_optimizer = lambda name, learning_rate, *unused, **unused_keywords: keras.optimizers.SGD(learning_rate)
 
 
 def clustering_model(num_heads):
