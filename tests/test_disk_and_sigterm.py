@@ -1,0 +1,114 @@
+"""A full disk, SIGTERM and the stage cache's size, run as a user of a shared machine would meet them."""
+
+import errno
+import os
+import re
+import subprocess
+import sys
+from collections import namedtuple
+
+import keras
+import numpy as np
+import pytest
+
+import scan_cifar10 as scan
+from conftest import SCRIPT, make_image_folder, run_script
+
+TINY = ["--encoder=small", "--batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
+        "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=10"]  # fmt: skip
+DISK_FULL = re.compile(
+    r"^error: no space left on device writing (\S+) \((\d+\.\d\d) MB needed, (\d+\.\d\d) MB free\); free space or "
+    r"set --output_dir to another disk, then run the same command again$"
+)
+Usage = namedtuple("Usage", "total used free")
+
+
+def writer_that_fills_the_disk(after_bytes, error_number=errno.ENOSPC):
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            file.write(b"x" * after_bytes)
+        raise OSError(error_number, os.strerror(error_number))
+
+    return write
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path, error_number):
+    target = tmp_path / "embeddings.npy"
+    scan.save_array(np.arange(10.0), str(target))
+    with pytest.raises(scan.DiskFullError) as raised:
+        scan.write_atomically(str(target), writer_that_fills_the_disk(3_000_000, error_number))
+    match = DISK_FULL.match(f"error: {raised.value}")
+    assert match and match.group(1) == str(target)
+    assert match.group(2) == "3.00"  # what the temporary file had reached
+    assert float(match.group(3)) == pytest.approx(scan.shutil.disk_usage(tmp_path).free / 1e6, abs=50)
+    assert os.listdir(tmp_path) == ["embeddings.npy"]  # the temporary file is gone
+    np.testing.assert_array_equal(np.load(target), np.arange(10.0))
+
+
+def test_other_write_errors_stay_what_they_are(tmp_path):
+    with pytest.raises(OSError) as raised:
+        scan.write_atomically(str(tmp_path / "a.json"), writer_that_fills_the_disk(10, errno.EACCES))
+    assert not isinstance(raised.value, scan.DiskFullError) and os.listdir(tmp_path) == []
+
+
+def tiny_model():
+    model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(300), keras.layers.Dense(40)])
+    model.compile(optimizer=scan.create_adamw(0.001, 0.0), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_weights_are_refused_before_hdf5_writes_anything_when_space_is_short(tmp_path, monkeypatch):
+    model = tiny_model()
+    checkpoint = tmp_path / "epoch-0001.weights.h5"
+    scan.save_weights(model, str(checkpoint))
+    # The estimate covers the real file (weights and both AdamW slots) and overshoots it by less than 100 kB.
+    assert checkpoint.stat().st_size <= scan.weights_bytes(model) <= checkpoint.stat().st_size + 100_000
+    saved = checkpoint.read_bytes()
+    monkeypatch.setattr(scan.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
+    writes = []
+    monkeypatch.setattr(model, "save_weights", writes.append)
+    with pytest.raises(scan.DiskFullError) as raised:
+        scan.save_weights(model, str(checkpoint))
+    match = DISK_FULL.match(f"error: {raised.value}")
+    assert match and match.groups() == (str(checkpoint), f"{scan.weights_bytes(model) / 1e6:.2f}", "0.01")
+    assert writes == [] and checkpoint.read_bytes() == saved and os.listdir(tmp_path) == [checkpoint.name]
+
+
+# Runs the script with numpy.save failing for want of space once a few bytes are written: the first array saved is
+# the embeddings, after the representation has been trained and cached.
+FULL_DISK_RUNNER = """
+import errno, os, runpy, sys
+import numpy
+
+def save(file, array, *args, **kwargs):
+    with open(file, "wb") as handle:
+        handle.write(b"x" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+numpy.save = save
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    output_dir = tmp_path / "out"
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY]
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+    full = subprocess.run([sys.executable, "-c", FULL_DISK_RUNNER, SCRIPT, *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    match = DISK_FULL.match(full.stderr.strip().splitlines()[-1])
+    assert match and os.path.basename(match.group(1)).startswith("embeddings-")
+    assert match.group(2) == f"{24 * 512 * 4 / 1e6:.2f}"  # the embeddings' size: 24 images x 512 float32 features
+    cache = output_dir / "cache"
+    assert not [name for root, _, names in os.walk(output_dir) for name in names if name.startswith(".tmp-")]
+    assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["representation", "representation"]
+
+    rerun = run_script(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "representation learning: done before" in rerun.stdout and "Epoch 1/2" in rerun.stdout  # clustering's
