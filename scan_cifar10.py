@@ -2306,6 +2306,21 @@ def data_fingerprint(dataset):
     return digest.hexdigest()
 
 
+def warn_if_short_of_space(folder, needed_bytes, title):
+    """Prints one warning line when fewer than `needed_bytes` are free in `folder` (or its nearest existing parent);
+    returns whether it did."""
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    free = shutil.disk_usage(folder).free
+    if free >= needed_bytes:
+        return False
+    print(
+        f"warning: {title} will write about {megabytes(needed_bytes)} to {folder}, but only {megabytes(free)} are "
+        "free; free space or set --output_dir to another disk"
+    )
+    return True
+
+
 class StageCache:
     """Finished stage results in `folder`, each named by the stage and its fingerprint.
 
@@ -2339,13 +2354,15 @@ class StageCache:
             os.remove(path)
             return None
 
-    def array(self, stage, fingerprint, title, compute):
-        """The stage's array from the cache, or `compute()`, saved there."""
+    def array(self, stage, fingerprint, title, compute, expected_bytes=0):
+        """The stage's array from the cache, or `compute()`, saved there; warns first if fewer than `expected_bytes`
+        (rows x columns x item size) are free."""
         path = self.path(stage, fingerprint, ".npy")
         array = self.read(path, lambda path: np.load(path, allow_pickle=False))
         if array is not None:
             print(f"{title}: done before, reusing {path}")
             return array
+        warn_if_short_of_space(self.folder, expected_bytes, title)
         self.recomputed = True
         array = compute()
         save_array(array, path)
@@ -2364,6 +2381,8 @@ class StageCache:
         backup_dir = self.path(stage, fingerprint, ".backup")
         if not self.resume or self.recomputed:  # A checkpoint of this stage may come from other inputs.
             shutil.rmtree(backup_dir, ignore_errors=True)
+        # Checkpoints hold the weights and AdamW's two slots per weight, the result the weights alone (float32).
+        warn_if_short_of_space(self.folder, model.count_params() * 4 * (3 + 1), title)
         self.recomputed = True
         history = train(backup_dir)
         save_weights(model, weights_path)
@@ -2553,12 +2572,17 @@ def train_and_evaluate(settings, gpus, num_devices):
                 settings.embedding_batch_size,
                 None if settings.embed_raw_pixels else data_preprocessing,
             ),
+            # Its size, for the free-space check: rows x features x float32.
+            expected_bytes=len(x_data)
+            * 4
+            * (settings.projection_units if settings.mining_features == "projection" else settings.representation_dim),
         )
         neighbours = cache.array(
             "neighbours",
             fingerprints["neighbours"],
             "neighbour mining",
             lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
+            expected_bytes=len(x_data) * settings.k_neighbours * 8,  # For the free-space check: int64 indices.
         )
         purity = None if y_data is None else neighbour_purity(neighbours, y_data)
         if purity is not None:
@@ -2689,6 +2713,7 @@ def train_and_evaluate(settings, gpus, num_devices):
             lambda: predict_in_full_batches(
                 clustering_model, x_data, settings.embedding_batch_size, verbose=fit_verbosity()
             ),
+            expected_bytes=len(x_data) * settings.num_clusters * 4,  # For the free-space check: float32 probabilities.
         )
         metrics = report_clusters(
             clustering_probs, y_data, classes, settings.prototypes_per_cluster, x_data, output_path

@@ -76,6 +76,28 @@ def test_weights_are_refused_before_hdf5_writes_anything_when_space_is_short(tmp
     assert writes == [] and checkpoint.read_bytes() == saved and os.listdir(tmp_path) == [checkpoint.name]
 
 
+def test_a_stage_warns_before_it_starts_when_its_files_will_not_fit(tmp_path, monkeypatch, capsys):
+    model = tiny_model()
+    cache = scan.StageCache(str(tmp_path / "cache"), resume=True)
+    os.makedirs(cache.folder)
+    monkeypatch.setattr(scan.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100_000, 100_000))
+    monkeypatch.setattr(scan, "save_weights", lambda model, path: None)
+    monkeypatch.setattr(scan, "save_json", lambda data, path: None)
+    cache.trained_model("clustering", "abc", "clustering", model, lambda backup_dir: {})
+    needed = model.count_params() * 4 * 4  # a checkpoint of the weights and two AdamW slots, then the result
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: clustering will write about {needed / 1e6:.2f} MB to {cache.folder}, but only 0.10 MB are free; "
+        "free space or set --output_dir to another disk"
+    ]
+    monkeypatch.setattr(scan, "save_array", lambda array, path: None)
+    cache.array("neighbours", "def", "neighbour mining", lambda: np.zeros(3), expected_bytes=99_999)
+    cache.array("predictions", "0ab", "cluster assignment", lambda: np.zeros(3), expected_bytes=100_001)
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: cluster assignment will write about 0.10 MB to {cache.folder}, but only 0.10 MB are free; "
+        "free space or set --output_dir to another disk"
+    ]
+
+
 # Runs the script with numpy.save failing for want of space once a few bytes are written: the first array saved is
 # the embeddings, after the representation has been trained and cached.
 FULL_DISK_RUNNER = """
