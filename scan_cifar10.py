@@ -95,6 +95,7 @@ INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder im
 SEED = 42  # seed for the subsets, the weights and the augmentations
 OUTPUT_DIR = "outputs"  # figures, metrics.json and the stage cache (OUTPUT_DIR/cache) are written here
 RESUME = True  # reuse finished stages and resume interrupted training; False recomputes everything
+PRUNE_CACHE = False  # at the end of a run, delete the cached results these settings do not use (compiled steps stay)
 
 # Preprocessing and augmentation
 TARGET_SIZE = 32  # images are resized to this side inside the model; ResNet50V2 needs >= 32
@@ -2391,6 +2392,32 @@ class StageCache:
         return history
 
 
+def cache_report(folder, fingerprints, prune):
+    """Deletes the results in the stage cache `folder` that `fingerprints` ({stage: fingerprint}) do not name when
+    `prune`, keeping `compiled/`; returns one line with the number of results and the megabytes left there."""
+    kept = {f"{stage}-{fingerprint}" for stage, fingerprint in fingerprints.items()}
+    names = sorted(name for name in os.listdir(folder) if name != "compiled") if os.path.isdir(folder) else []
+    results, total, deleted = set(), 0, set()
+    for name in names:
+        # `{stage}-{fingerprint}{suffix}`; a `.tmp-...` file is what a killed run left half-written.
+        path, result = os.path.join(folder, name), name.split(".")[0] or name
+        if prune and result not in kept:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            deleted.update([result] if not name.startswith(".") else [])
+            continue
+        if not name.startswith("."):
+            results.add(result)
+        files = [os.path.join(root, file) for root, _, found in os.walk(path) for file in found] or [path]
+        total += sum(os.path.getsize(file) for file in files)
+    line = f"stage cache: {len(results)} results, {megabytes(total)} in {folder}"
+    if prune:
+        return line + f" (pruned {len(deleted)} results these settings do not use)"
+    return line + " (--prune_cache=true keeps only this run's)"
+
+
 class StageTimes:
     """The seconds spent in each stage, and what the backend compiled there (a CompilationLog)."""
 
@@ -2749,6 +2776,7 @@ def train_and_evaluate(settings, gpus, num_devices):
     if stage_times.compilations:
         compile_seconds = sum(compiled["seconds"] for compiled in stage_times.compilations.values())
         print(f"compilation: {compile_seconds:.1f}s of them in all")
+    print(cache_report(cache.folder, fingerprints, settings.prune_cache))  # The cache's size; --prune_cache
     print(f"figures and metrics.json are in {settings.output_dir}")
     split = "eval" if "eval" in splits else "train"
     print(result_line(split, splits[split], settings.num_clusters))

@@ -134,3 +134,26 @@ def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     rerun = run_script(args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "representation learning: done before" in rerun.stdout and "Epoch 1/2" in rerun.stdout  # clustering's
+
+
+def test_the_cache_report_counts_results_and_prunes_only_what_other_settings_made(tmp_path):
+    folder = tmp_path / "cache"
+    files = {
+        "representation-aaa.weights.h5": 1000, "representation-aaa.json": 10, "embeddings-bbb.npy": 500,
+        "embeddings-old.npy": 700, "clustering-old.weights.h5": 300, "clustering-old.json": 5,
+        ".tmp-1-predictions-ccc.npy": 40, "compiled/program": 9000, "clustering-old.backup/state.json": 20,
+    }  # fmt: skip
+    for name, size in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x" * size * 100)
+    fingerprints = {"representation": "aaa", "embeddings": "bbb", "clustering": "ccc"}
+    assert scan.cache_report(str(folder), fingerprints, prune=False) == (
+        f"stage cache: 4 results, 0.26 MB in {folder} (--prune_cache=true keeps only this run's)"
+    )
+    assert sorted(os.listdir(folder)) == sorted({name.split("/")[0] for name in files})  # nothing deleted
+    assert scan.cache_report(str(folder), fingerprints, prune=True) == (
+        f"stage cache: 2 results, 0.15 MB in {folder} (pruned 2 results these settings do not use)"
+    )
+    assert sorted(os.listdir(folder)) == ["compiled", "embeddings-bbb.npy", "representation-aaa.json",
+                                          "representation-aaa.weights.h5"]  # fmt: skip
+    assert (folder / "compiled" / "program").stat().st_size == 900_000
