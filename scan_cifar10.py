@@ -48,6 +48,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import textwrap
@@ -1556,25 +1557,74 @@ the weights, the optimizer state and the loss history are saved to the stage's b
 epoch and loses at most that much training; a fast GPU does not spend its time writing files every epoch. The
 end of a stage is saved as the stage's result. `TerminateOnNaN` stops a diverging stage, which then fails with
 advice.
+
+SIGTERM (a preempted cloud machine, `docker stop`, a batch scheduler's time limit) is handled like Ctrl-C, but
+training first finishes the epoch it is in and saves it, whatever `CHECKPOINT_SECONDS` says: the epoch-based
+resume cannot continue from the middle of an epoch. Outside training, the run stops at once. A second SIGTERM
+stops at once too. Give the run an epoch's time to save (`docker stop -t`, the scheduler's grace period).
 """
+
+
+class Terminated(BaseException):
+    """Raised on SIGTERM (a BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+
+class TerminationRequest:
+    """SIGTERM's handler: during training (`while_training`) it asks the current epoch to save and stop; otherwise
+    it raises Terminated at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.training = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.training and not self.requested:
+            self.requested = True
+            print("\nSIGTERM: saving at the end of this epoch, then stopping", file=sys.stderr, flush=True)
+            return
+        raise Terminated("terminated (SIGTERM): run the same command again to resume from the last completed epoch")
+
+    @contextmanager
+    def while_training(self):
+        """Within the block, SIGTERM saves the current epoch; Terminated is raised at its end if it was asked to."""
+        self.training = True
+        try:
+            yield
+        finally:
+            self.training = False
+        if self.requested:
+            raise Terminated("terminated (SIGTERM) after saving this epoch: run the same command again to resume")
+
+
+TERMINATION = TerminationRequest()  # The process's one SIGTERM handler, installed by the `__main__` block.
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Records the history of every epoch; saves the model (optimizer included) and the history at the end of an
-    epoch whose losses are finite once `every_seconds` have passed since the last save (0: every epoch)."""
+    epoch whose losses are finite once `every_seconds` have passed since the last save (0: every epoch), or once
+    `termination` (a TerminationRequest) is requested, which also stops training."""
 
-    def __init__(self, backup_dir, history, every_seconds):
+    def __init__(self, backup_dir, history, every_seconds, termination=None):
         super().__init__()
         self.backup_dir = backup_dir
         self.history = history
         self.every_seconds = every_seconds
+        self.termination = termination
         self.last_save = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
         now = time.monotonic()
-        if not np.all(np.isfinite(list(logs.values()))) or now - self.last_save < self.every_seconds:
+        terminating = self.termination is not None and self.termination.requested
+        if terminating:
+            self.model.stop_training = True
+        if not np.all(np.isfinite(list(logs.values()))) or (
+            now - self.last_save < self.every_seconds and not terminating
+        ):
             return
         self.last_save = now
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -1605,11 +1655,12 @@ def restore_checkpoint(model, backup_dir):
     return state["epoch"], state["history"]
 
 
-def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_arguments):
+def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, termination=TERMINATION, **fit_arguments):
     """`model.fit` from the last epoch saved in `backup_dir`, saving at most every `checkpoint_seconds`; returns the
     history of all epochs.
 
-    Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite.
+    Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite, and Terminated
+    once the epoch during which `termination` (a TerminationRequest) was requested is saved.
     """
     print(
         f"{stage}: training step {'XLA-compiled' if model.jit_compile else 'not XLA-compiled'} (jit_compile={model.jit_compile})"
@@ -1623,10 +1674,14 @@ def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, **fit_ar
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
         print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
-    callbacks = [keras.callbacks.TerminateOnNaN(), EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
+    checkpoint = EpochCheckpoint(backup_dir, history, checkpoint_seconds, termination)
+    callbacks = [keras.callbacks.TerminateOnNaN(), checkpoint]
     synchronize_batch_normalization(model)
     # RowBatches shuffles its rows itself; Keras's shuffle of the batches' order would draw on the global random state.
-    model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments)
+    with termination.while_training():
+        model.fit(
+            initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments
+        )
     for epoch, losses in enumerate(zip(*history.values(), strict=True), start=1):
         if not np.all(np.isfinite(losses)):
             raise UsageError(
@@ -2823,6 +2878,7 @@ def result_line(split, metrics, num_clusters):
 
 
 if __name__ == "__main__":
+    TERMINATION.install()  # SIGTERM: save the current epoch, then stop like Ctrl-C (exit 143)
     try:
         main()
     except DiskFullError as error:
@@ -2836,3 +2892,6 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last completed epoch", file=sys.stderr)
         sys.exit(130)
+    except Terminated as error:
+        print(f"\n{error}", file=sys.stderr)
+        sys.exit(143)

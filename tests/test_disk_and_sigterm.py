@@ -1,10 +1,14 @@
 """A full disk, SIGTERM and the stage cache's size, run as a user of a shared machine would meet them."""
 
 import errno
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import namedtuple
 
 import keras
@@ -134,6 +138,52 @@ def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     rerun = run_script(args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "representation learning: done before" in rerun.stdout and "Epoch 1/2" in rerun.stdout  # clustering's
+
+
+def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_path):
+    folder = make_image_folder(tmp_path / "images")
+    output_dir = tmp_path / "out"
+    # No checkpoint is due for an hour, so only the SIGTERM save can explain where the rerun resumes.
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=200", *TINY[3:],
+            "--checkpoint_seconds=3600"]  # fmt: skip
+    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    lines, errors = [], []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True).start()
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not any(line.startswith("Epoch 3/") for line in lines):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    time.sleep(0.5)  # the readers' last lines
+    assert process.returncode == 143, "".join(errors)[-3000:]
+    assert "SIGTERM: saving at the end of this epoch, then stopping" in "".join(errors)
+    assert errors[-1].strip() == "terminated (SIGTERM) after saving this epoch: run the same command again to resume"
+    completed = sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in lines)
+    assert completed >= 2 and not os.path.exists(output_dir / "metrics.json")
+    backup = next((output_dir / "cache").glob("representation-*.backup"))
+    assert json.loads((backup / "state.json").read_text())["epoch"] == completed
+
+    # A result of other settings and a compiled program: --prune_cache deletes the one and keeps the other.
+    stale = output_dir / "cache" / "clustering-000000000000.weights.h5"
+    stale.write_bytes(b"old")
+    (output_dir / "cache" / "compiled").mkdir()
+    (output_dir / "cache" / "compiled" / "program").write_bytes(b"xla")
+    resumed = run_script([*args, "--prune_cache=true"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"representation learning: resuming after epoch {completed} of 200" in resumed.stdout
+    assert f"Epoch {completed + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
+    assert len(json.loads((output_dir / "metrics.json").read_text())["losses"]["representation"]) == 200
+    assert not stale.exists() and (output_dir / "cache" / "compiled" / "program").exists()
+    results = [name for name in os.listdir(output_dir / "cache") if name != "compiled"]
+    assert len({name.split(".")[0] for name in results}) == 5  # representation, embeddings, neighbours, ...
+    size = sum(os.path.getsize(output_dir / "cache" / name) for name in results)
+    assert (
+        f"stage cache: 5 results, {size / 1e6:.2f} MB in {output_dir / 'cache'} (pruned 1 results these settings do "
+        "not use)" in resumed.stdout.splitlines()
+    )
 
 
 def test_the_cache_report_counts_results_and_prunes_only_what_other_settings_made(tmp_path):
