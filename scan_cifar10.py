@@ -2437,8 +2437,9 @@ class StageCache:
         backup_dir = self.path(stage, fingerprint, ".backup")
         if not self.resume or self.recomputed:  # A checkpoint of this stage may come from other inputs.
             shutil.rmtree(backup_dir, ignore_errors=True)
-        # Checkpoints hold the weights and AdamW's two slots per weight, the result the weights alone (float32).
-        warn_if_short_of_space(self.folder, model.count_params() * 4 * (3 + 1), title)
+        # A checkpoint holds the float32 weights and AdamW's two slots per weight; at its peak the stage holds two
+        # (the last one stays until the next is renamed), which is more than a checkpoint and the result.
+        warn_if_short_of_space(self.folder, model.count_params() * 4 * 3 * 2, title)
         self.recomputed = True
         history = train(backup_dir)
         save_weights(model, weights_path)
