@@ -38,6 +38,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 
 import argparse
 import concurrent.futures
+import errno
 import functools
 import hashlib
 import io
@@ -48,6 +49,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import textwrap
@@ -96,6 +98,7 @@ INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder im
 SEED = 42  # seed for the subsets, the weights and the augmentations
 OUTPUT_DIR = "outputs"  # figures, metrics.json and the stage cache (OUTPUT_DIR/cache) are written here
 RESUME = True  # reuse finished stages and resume interrupted training; False recomputes everything
+PRUNE_CACHE = False  # at the end of a run, delete the cached results these settings do not use (compiled steps stay)
 
 # Preprocessing and augmentation
 TARGET_SIZE = 32  # images are resized to this side inside the model; ResNet50V2 needs >= 32
@@ -1914,25 +1917,74 @@ the weights, the optimizer state and the loss history are saved to the stage's b
 epoch and loses at most that much training; a fast GPU does not spend its time writing files every epoch. The
 end of a stage is saved as the stage's result. `TerminateOnNaN` stops a diverging stage, which then fails with
 advice.
+
+SIGTERM (a preempted cloud machine, `docker stop`, a batch scheduler's time limit) is handled like Ctrl-C, but
+training first finishes the epoch it is in and saves it, whatever `CHECKPOINT_SECONDS` says: the epoch-based
+resume cannot continue from the middle of an epoch. Outside training, the run stops at once. A second SIGTERM
+stops at once too. Give the run an epoch's time to save (`docker stop -t`, the scheduler's grace period).
 """
+
+
+class Terminated(BaseException):
+    """Raised on SIGTERM (a BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it)."""
+
+
+class TerminationRequest:
+    """SIGTERM's handler: during training (`while_training`) it asks the current epoch to save and stop; otherwise
+    it raises Terminated at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.training = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        if self.training and not self.requested:
+            self.requested = True
+            print("\nSIGTERM: saving at the end of this epoch, then stopping", file=sys.stderr, flush=True)
+            return
+        raise Terminated("terminated (SIGTERM): run the same command again to resume from the last completed epoch")
+
+    @contextmanager
+    def while_training(self):
+        """Within the block, SIGTERM saves the current epoch; Terminated is raised at its end if it was asked to."""
+        self.training = True
+        try:
+            yield
+        finally:
+            self.training = False
+        if self.requested:
+            raise Terminated("terminated (SIGTERM) after saving this epoch: run the same command again to resume")
+
+
+TERMINATION = TerminationRequest()  # The process's one SIGTERM handler, installed by the `__main__` block.
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
     """Records the history of every epoch; saves the model (optimizer included) and the history at the end of an
-    epoch whose losses are finite once `every_seconds` have passed since the last save (0: every epoch)."""
+    epoch whose losses are finite once `every_seconds` have passed since the last save (0: every epoch), or once
+    `termination` (a TerminationRequest) is requested, which also stops training."""
 
-    def __init__(self, backup_dir, history, every_seconds):
+    def __init__(self, backup_dir, history, every_seconds, termination=None):
         super().__init__()
         self.backup_dir = backup_dir
         self.history = history
         self.every_seconds = every_seconds
+        self.termination = termination
         self.last_save = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         for name, value in logs.items():
             self.history.setdefault(name, []).append(float(value))
         now = time.monotonic()
-        if not np.all(np.isfinite(list(logs.values()))) or now - self.last_save < self.every_seconds:
+        terminating = self.termination is not None and self.termination.requested
+        if terminating:
+            self.model.stop_training = True
+        if not np.all(np.isfinite(list(logs.values()))) or (
+            now - self.last_save < self.every_seconds and not terminating
+        ):
             return
         self.last_save = now
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -1963,11 +2015,14 @@ def restore_checkpoint(model, backup_dir):
     return state["epoch"], state["history"]
 
 
-def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, callbacks=(), **fit_arguments):
+def fit_resumable(
+    model, backup_dir, stage, remedy, checkpoint_seconds, callbacks=(), termination=TERMINATION, **fit_arguments
+):
     """`model.fit` from the last epoch saved in `backup_dir`, saving at most every `checkpoint_seconds`; returns the
     history of all epochs. `callbacks` run before the checkpoint, so the logs they add are in the history.
 
-    Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite.
+    Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite, and Terminated
+    once the epoch during which `termination` (a TerminationRequest) was requested is saved.
     """
     print(
         f"{stage}: training step {'XLA-compiled' if model.jit_compile else 'not XLA-compiled'} (jit_compile={model.jit_compile})"
@@ -1981,10 +2036,14 @@ def fit_resumable(model, backup_dir, stage, remedy, checkpoint_seconds, callback
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
         print(f"{stage}: resuming after epoch {first_epoch} of {fit_arguments['epochs']} (from {backup_dir})")
-    callbacks = [keras.callbacks.TerminateOnNaN(), *callbacks, EpochCheckpoint(backup_dir, history, checkpoint_seconds)]
+    checkpoint = EpochCheckpoint(backup_dir, history, checkpoint_seconds, termination)
+    callbacks = [keras.callbacks.TerminateOnNaN(), *callbacks, checkpoint]
     synchronize_batch_normalization(model)
     # RowBatches shuffles its rows itself; Keras's shuffle of the batches' order would draw on the global random state.
-    model.fit(initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments)
+    with termination.while_training():
+        model.fit(
+            initial_epoch=first_epoch, callbacks=callbacks, verbose=fit_verbosity(), shuffle=False, **fit_arguments
+        )
     for epoch, losses in enumerate(zip(*history.values(), strict=True), start=1):
         if not np.all(np.isfinite(losses)):
             raise UsageError(
@@ -2198,12 +2257,21 @@ def find_neighbours(run, data, preprocessing, representation):
             settings.embedding_batch_size,
             None if settings.embed_raw_pixels else preprocessing.data_preprocessing,
         ),
+        # Its size, for the free-space check: rows x features x float32.
+        expected_bytes=len(x_data)
+        * 4
+        * (
+            settings.projection_units
+            if settings.mining_features == "projection"
+            else representation.encoder.output_shape[-1]
+        ),
     )
     neighbours = run.cache.array(
         "neighbours",
         run.fingerprints["neighbours"],
         "neighbour mining",
         lambda: mine_neighbours(feature_vectors, settings.k_neighbours, settings.embedding_batch_size),
+        expected_bytes=len(x_data) * settings.k_neighbours * 8,  # For the free-space check: int64 indices.
     )
     purity = None if y_data is None else neighbour_purity(neighbours, y_data)
     if purity is not None:
@@ -3086,6 +3154,7 @@ def analyse_clusters(run, data, clustering):
         lambda: predict_in_full_batches(
             clustering.model, train.images, settings.embedding_batch_size, verbose=fit_verbosity()
         ),
+        expected_bytes=len(train.images) * settings.num_clusters * 4,  # For the free-space check: float32.
     )
     labels, class_names = train.labels, train.class_names
     report = report_clusters(
@@ -3114,30 +3183,64 @@ changed setting re-runs its stage and the stages after it, never one before.
 """
 
 
-def write_atomically(path, write):
-    """Calls `write(temporary_path)` on a sibling of `path` with the same extension, then renames it to `path`."""
+class DiskFullError(UsageError):
+    """A write ran out of disk space (or quota); `main` prints it as one line and exits with 2."""
+
+    def __init__(self, path, needed_bytes):
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        super().__init__(
+            f"no space left on device writing {path} ({megabytes(needed_bytes)} needed, {megabytes(free)} free); "
+            "free space or set --output_dir to another disk, then run the same command again"
+        )
+
+
+def megabytes(num_bytes):
+    return f"{num_bytes / 1e6:.2f} MB"
+
+
+def write_atomically(path, write, needed_bytes=0):
+    """Calls `write(temporary_path)` on a sibling of `path` with the same extension, then renames it to `path`.
+
+    Raises DiskFullError, with the temporary file removed and `path` as it was, when the disk is full: before
+    writing if fewer than `needed_bytes` (an estimate) are free, or when the write fails for want of space.
+    """
     folder, name = os.path.split(path)
     temporary = os.path.join(folder, f".tmp-{os.getpid()}-{name}")
+    if shutil.disk_usage(folder or ".").free < needed_bytes:
+        raise DiskFullError(path, needed_bytes)
     try:
         write(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = os.path.getsize(temporary) if os.path.exists(temporary) else 0
+        raise DiskFullError(path, max(needed_bytes, written)) from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
+def write_bytes_atomically(path, data):
+    """Writes `data` (bytes) to `path` atomically; its size is known, so a full disk is found before writing."""
+
+    def write(temporary):
+        with open(temporary, "wb") as file:
+            file.write(data)
+
+    write_atomically(path, write, needed_bytes=len(data))
+
+
 def save_figure(figure, path):
     figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=80))
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=80)
     plt.close(figure)
+    write_bytes_atomically(path, png.getvalue())
 
 
 def save_json(data, path):
-    def write(temporary):
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=2)
-
-    write_atomically(path, write)
+    write_bytes_atomically(path, json.dumps(data, indent=2).encode())
 
 
 def read_json(path):
@@ -3146,11 +3249,20 @@ def read_json(path):
 
 
 def save_array(array, path):
-    write_atomically(path, lambda temporary: np.save(temporary, array))
+    write_atomically(path, lambda temporary: np.save(temporary, array), needed_bytes=array.nbytes + 128)
+
+
+def weights_bytes(model):
+    """The bytes of `model`'s weights and optimizer state, as a `.weights.h5` file stores them (plus its headers)."""
+    variables = list(model.weights) + (list(model.optimizer.variables) if getattr(model, "optimizer", None) else [])
+    data = sum(math.prod(variable.shape) * np.dtype(variable.dtype).itemsize for variable in variables)
+    return data + 2048 * len(variables) + 2**16
 
 
 def save_weights(model, path):
-    write_atomically(path, model.save_weights)
+    # Checked before h5py starts: a weights file that runs out of space mid-write stays open inside HDF5, which
+    # then crashes (segmentation fault) when the interpreter exits.
+    write_atomically(path, model.save_weights, needed_bytes=weights_bytes(model))
 
 
 def data_fingerprint(dataset):
@@ -3160,6 +3272,21 @@ def data_fingerprint(dataset):
         digest.update(dataset.labels.astype(np.int64).tobytes())
         digest.update(json.dumps(dataset.class_names).encode())
     return digest.hexdigest()
+
+
+def warn_if_short_of_space(folder, needed_bytes, title):
+    """Prints one warning line when fewer than `needed_bytes` are free in `folder` (or its nearest existing parent);
+    returns whether it did."""
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    free = shutil.disk_usage(folder).free
+    if free >= needed_bytes:
+        return False
+    print(
+        f"warning: {title} will write about {megabytes(needed_bytes)} to {folder}, but only {megabytes(free)} are "
+        "free; free space or set --output_dir to another disk"
+    )
+    return True
 
 
 class StageCache:
@@ -3195,13 +3322,15 @@ class StageCache:
             os.remove(path)
             return None
 
-    def array(self, stage, fingerprint, title, compute):
-        """The stage's array from the cache, or `compute()`, saved there."""
+    def array(self, stage, fingerprint, title, compute, expected_bytes=0):
+        """The stage's array from the cache, or `compute()`, saved there; warns first if fewer than `expected_bytes`
+        (rows x columns x item size) are free."""
         path = self.path(stage, fingerprint, ".npy")
         array = self.read(path, lambda path: np.load(path, allow_pickle=False))
         if array is not None:
             print(f"{title}: done before, reusing {path}")
             return array
+        warn_if_short_of_space(self.folder, expected_bytes, title)
         self.recomputed = True
         array = compute()
         save_array(array, path)
@@ -3220,12 +3349,41 @@ class StageCache:
         backup_dir = self.path(stage, fingerprint, ".backup")
         if not self.resume or self.recomputed:  # A checkpoint of this stage may come from other inputs.
             shutil.rmtree(backup_dir, ignore_errors=True)
+        # A checkpoint holds the float32 weights and AdamW's two slots per weight; at its peak the stage holds two
+        # (the last one stays until the next is renamed), which is more than a checkpoint and the result.
+        warn_if_short_of_space(self.folder, model.count_params() * 4 * 3 * 2, title)
         self.recomputed = True
         history = train(backup_dir)
         save_weights(model, weights_path)
         save_json({"history": history}, record_path)
         shutil.rmtree(backup_dir, ignore_errors=True)
         return history
+
+
+def cache_report(folder, fingerprints, prune):
+    """Deletes the results in the stage cache `folder` that `fingerprints` ({stage: fingerprint}) do not name when
+    `prune`, keeping `compiled/`; returns one line with the number of results and the megabytes left there."""
+    kept = {f"{stage}-{fingerprint}" for stage, fingerprint in fingerprints.items()}
+    names = sorted(name for name in os.listdir(folder) if name != "compiled") if os.path.isdir(folder) else []
+    results, total, deleted = set(), 0, set()
+    for name in names:
+        # `{stage}-{fingerprint}{suffix}`; a `.tmp-...` file is what a killed run left half-written.
+        path, result = os.path.join(folder, name), name.split(".")[0] or name
+        if prune and result not in kept:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            deleted.update([result] if not name.startswith(".") else [])
+            continue
+        if not name.startswith("."):
+            results.add(result)
+        files = [os.path.join(root, file) for root, _, found in os.walk(path) for file in found] or [path]
+        total += sum(os.path.getsize(file) for file in files)
+    line = f"stage cache: {len(results)} results, {megabytes(total)} in {folder}"
+    if prune:
+        return line + f" (pruned {len(deleted)} results these settings do not use)"
+    return line + " (--prune_cache=true keeps only this run's)"
 
 
 class StageTimes:
@@ -3392,6 +3550,7 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
     if times.compilations:
         compile_seconds = sum(compiled["seconds"] for compiled in times.compilations.values())
         print(f"compilation: {compile_seconds:.1f}s of them in all")
+    print(cache_report(run.cache.folder, run.fingerprints, run.settings.prune_cache))  # The cache's size; --prune_cache
     print(f"figures and metrics.json are in {run.settings.output_dir}")
     split, _ = data.evaluated()
     print(result_line(split, analysis.splits[split], run.settings.num_clusters))
@@ -3407,11 +3566,20 @@ def result_line(split, metrics, num_clusters):
 
 
 if __name__ == "__main__":
+    TERMINATION.install()  # SIGTERM: save the current epoch, then stop like Ctrl-C (exit 143)
     try:
         main()
+    except DiskFullError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Skips the interpreter's exit, where HDF5 would crash flushing a weights file that ran out of space.
+        os._exit(2)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last completed epoch", file=sys.stderr)
         sys.exit(130)
+    except Terminated as error:
+        print(f"\n{error}", file=sys.stderr)
+        sys.exit(143)
