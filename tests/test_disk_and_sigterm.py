@@ -58,7 +58,7 @@ def test_other_write_errors_stay_what_they_are(tmp_path):
 
 def tiny_model():
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(300), keras.layers.Dense(40)])
-    model.compile(optimizer=scan.create_adamw(0.001, 0.0), loss="mse")
+    model.compile(optimizer=scan.create_optimizer("adamw", 0.001, 0.0, 0.001), loss="mse")
     model.optimizer.build(model.trainable_variables)
     return model
 
