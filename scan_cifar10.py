@@ -187,7 +187,7 @@ RECIPES = {
     "cpu": {
         "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24,
         "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 256,
-        "representation_epochs": 23, "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0,
+        "representation_epochs": 40, "learning_rate_decay_steps": 0, "learning_rate_decay_alpha": 0.0,
         "embed_raw_pixels": False, "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10,
         "num_heads": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
         "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,

@@ -224,8 +224,8 @@ PINNED_FINGERPRINTS = {
         "clustering": "dc3015d23a7c", "self_labeling": "e79e052ee807", "predictions": "d7ea906357b9",
     },
     "cpu": {
-        "representation": "4f5b130ce1e0", "embeddings": "ef84e411aaf9", "neighbours": "b17790620b19",
-        "clustering": "d44750337afd", "self_labeling": "73e4a2aae853", "predictions": "03b12fb218de",
+        "representation": "76964fa5bfa0", "embeddings": "0046e7ba0ceb", "neighbours": "d9d6fa2527e5",
+        "clustering": "612e5db0c7b7", "self_labeling": "459093eb73b7", "predictions": "958ec09ba5e6",
     },
 }  # fmt: skip
 
