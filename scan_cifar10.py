@@ -38,6 +38,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 
 import argparse
 import concurrent.futures
+import csv
 import errno
 import functools
 import hashlib
@@ -77,7 +78,7 @@ except (ImportError, ValueError) as error:  # an unknown or uninstalled KERAS_BA
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import layers, ops  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -155,6 +156,7 @@ SELF_LABEL_GUARD = True  # keep the model from before self-labeling if it raised
 
 # Cluster analysis
 PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototypes.png
+SHEET_IMAGES = 64  # most confident images on each cluster's contact sheet, clusters/cluster-NN.jpg (0 = no sheets)
 
 # Speed
 MIXED_PRECISION = "auto"  # "auto" (mixed_bfloat16 on a GPU that has it, else float32), "float32", "mixed_bfloat16"
@@ -251,7 +253,7 @@ STAGE_SETTINGS = {
 # Upper bounds of the settings whose larger values would exhaust memory rather than do more work.
 SETTING_LIMITS = {
     "input_size": 1024, "target_size": 1024, "view_size": 1024, "num_augmentations": 64, "num_heads": 1000,
-    "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prototypes_per_cluster": 100,
+    "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prototypes_per_cluster": 100, "sheet_images": 10000,
     "batch_size": 65536, "embedding_batch_size": 10000,
 }  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -365,7 +367,7 @@ def validate_settings(settings, choices):
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
     for name in [
-        "max_images", "holdout_images", "self_label_epochs", "learning_rate_decay_steps", "view_size", "warmup_epochs",
+        "max_images", "holdout_images", "self_label_epochs", "sheet_images", "learning_rate_decay_steps", "view_size", "warmup_epochs",
         "representation_dim",
     ]:  # fmt: skip
         if getattr(settings, name) < 0:
@@ -732,6 +734,9 @@ class Dataset(NamedTuple):
     labels: np.ndarray | None  # int, shape [num_images], or None for a folder without class sub-folders
     class_names: list | None  # class name of each label id
     source: str  # where the images came from, for the report
+    names: list | None = (
+        None  # each image as the user knows it: a path in the folder, an archive member, "cifar10-train:12"
+    )
 
 
 def load_cifar10_download(split):
@@ -746,7 +751,11 @@ def load_cifar10_download(split):
     images = {"train": [x_train], "test": [x_test], "train+test": [x_train, x_test]}[split]
     labels = {"train": [y_train], "test": [y_test], "train+test": [y_train, y_test]}[split]
     labels = np.concatenate(labels).reshape(-1)  # [n, 1] -> [n]
-    return Dataset(np.concatenate(images), labels, list(CIFAR10_CLASSES), f"cifar10 {split} (keras.datasets)")
+    # Each image as "cifar10-train:1234": its split and index in keras.datasets' arrays.
+    names = [
+        f"cifar10-{part}:{i}" for part, rows in zip(split.split("+"), images, strict=True) for i in range(len(rows))
+    ]
+    return Dataset(np.concatenate(images), labels, list(CIFAR10_CLASSES), f"cifar10 {split} (keras.datasets)", names)
 
 
 def shorten(cause, width=120):
@@ -761,7 +770,7 @@ def is_cifar10_batches_folder(path):
 def load_cifar10_batches(folder):
     """Loads the python-pickle CIFAR-10 batches of `folder` (data_batch_1..5, then test_batch if present)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    images, labels = [], []
+    images, labels, image_names = [], [], []
     for name in [name for name in names if os.path.isfile(os.path.join(folder, name))]:
         path = os.path.join(folder, name)
         try:
@@ -777,12 +786,15 @@ def load_cifar10_batches(folder):
             raise UsageError(f"{path} has {len(data)} images but {len(batch_labels)} labels; download it again")
         images.append(data.transpose(0, 2, 3, 1))  # [n, 3, 32, 32] -> [n, 32, 32, 3]
         labels.append(batch_labels)
+        image_names += [f"{name}:{index}" for index in range(len(data))]
     class_names = list(CIFAR10_CLASSES)
     meta_path = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta_path):
         with open(meta_path, "rb") as file:
             class_names = [name.decode() for name in pickle.load(file, encoding="bytes")[b"label_names"]]
-    return Dataset(np.concatenate(images), np.concatenate(labels), class_names, f"cifar-10-batches-py folder {folder}")
+    return Dataset(
+        np.concatenate(images), np.concatenate(labels), class_names, f"cifar-10-batches-py folder {folder}", image_names
+    )
 
 
 def is_image_name(name):
@@ -878,9 +890,11 @@ def load_image_folder(data, input_size, max_images, seed):
     depth) give the labels."""
     if os.path.isdir(data):
         found, kind = find_image_files(data), "image folder"
+        member = lambda name: name  # noqa: E731  (a folder's images go by their paths in it)
         read = lambda names: [os.path.join(data, name) for name in names]  # noqa: E731
     else:
         (found, prefix), kind = find_archive_images(data), "image archive"
+        member = lambda name: prefix + name  # noqa: E731  (an archive's images go by their member names)
         read = lambda names: read_archive_members(data, [prefix + name for name in names])  # noqa: E731
     if not found:
         raise UsageError(
@@ -906,12 +920,13 @@ def load_image_folder(data, input_size, max_images, seed):
             f"warning: skipped {len(unreadable)} unreadable image files of {len(found)} ({shown}{', ...' if len(unreadable) > 3 else ''})"
         )
     kept = [(label, image) for (_, label), image in zip(found, decoded, strict=True) if image is not None]
+    names = [member(name) for (name, _), image in zip(found, decoded, strict=True) if image is not None]
     images = np.stack([image for _, image in kept])
     if depths == {0}:
-        return Dataset(images, None, None, f"{kind} {data} (no class sub-folders)")
+        return Dataset(images, None, None, f"{kind} {data} (no class sub-folders)", names)
     class_names = sorted({label for label, _ in kept})
     labels = np.array([class_names.index(label) for label, _ in kept], dtype=np.int64)
-    return Dataset(images, labels, class_names, f"{kind} {data}")
+    return Dataset(images, labels, class_names, f"{kind} {data}", names)
 
 
 CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-test": "test"}
@@ -944,7 +959,9 @@ def load_dataset(data, input_size, max_images, seed):
         dataset = dataset._replace(images=np.stack(resized))
     if max_images and max_images < len(dataset.images):
         chosen = np.sort(np.random.default_rng(seed).choice(len(dataset.images), max_images, replace=False))
-        dataset = dataset._replace(images=dataset.images[chosen], labels=dataset.labels[chosen])
+        dataset = dataset._replace(
+            images=dataset.images[chosen], labels=dataset.labels[chosen], names=[dataset.names[i] for i in chosen]
+        )
     return dataset
 
 
@@ -962,6 +979,7 @@ def split_holdout(dataset, holdout_images, seed):
         None if dataset.labels is None else dataset.labels[mask],
         dataset.class_names,
         f"{dataset.source}, {name}",
+        None if dataset.names is None else [dataset.names[i] for i in np.flatnonzero(mask)],
     )
     return subset(~held_out, f"{len(dataset.images) - holdout_images} images"), subset(
         held_out, f"{holdout_images} held-out images"
@@ -3165,12 +3183,73 @@ def analyse_clusters(run, data, clustering):
             "train", "the images trained on", clustering_probs, labels, class_names, run.output_path
         )
     }
+    assigned = [("train", train, clustering_probs)]
     if evaluated is not None:
         eval_probs = predict_in_full_batches(clustering.model, evaluated.images, settings.embedding_batch_size)
         splits["eval"] = evaluate_split(
             "eval", "held-out images", eval_probs, evaluated.labels, evaluated.class_names, run.output_path
         )
+        assigned.append(("eval", evaluated, eval_probs))
+    save_cluster_table(assigned, run.output_path("clusters.csv"))
+    if settings.sheet_images:
+        save_contact_sheets(train.images, clustering_probs, settings.sheet_images, run.output_path("clusters"))
     return Analysis(report, splits)
+
+
+def cluster_table_rows(split, dataset, probabilities):
+    """One row per image of `dataset`: split, source (the image as the user knows it), cluster, confidence (that
+    cluster's probability) and label (its class name; empty without labels)."""
+    clusters, confidence = assign_clusters(probabilities)
+    names = dataset.names or [f"{split}:{index}" for index in range(len(clusters))]
+    labels = [""] * len(clusters) if dataset.labels is None else [dataset.class_names[i] for i in dataset.labels]
+    return [
+        (split, name, int(cluster), f"{score:.4f}", label)
+        for name, cluster, score, label in zip(names, clusters, confidence, labels, strict=True)
+    ]
+
+
+def contact_sheet(images, title, columns=8, scale=2):
+    """A JPEG's bytes: `images` [n, side, side, 3] uint8 in a grid `columns` wide, each `scale` times its size, under
+    a line of `title`."""
+    side = images.shape[1] * scale
+    rows = max(1, math.ceil(len(images) / columns))
+    sheet = Image.new("RGB", (columns * side, rows * side + 16), "white")
+    ImageDraw.Draw(sheet).text((4, 2), title, fill="black")
+    for index, image in enumerate(images):
+        tile = Image.fromarray(image).resize((side, side), Image.Resampling.NEAREST)
+        sheet.paste(tile, ((index % columns) * side, 16 + (index // columns) * side))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def save_contact_sheets(images, probabilities, sheet_images, folder):
+    """Writes folder/cluster-NN.jpg for each cluster: its `sheet_images` most confident images, most confident first,
+    titled with its size; removes the sheets of clusters a previous run had beyond these."""
+    num_clusters = probabilities.shape[1]
+    clusters, confidence = assign_clusters(probabilities)
+    os.makedirs(folder, exist_ok=True)
+    for cluster, members in enumerate(cluster_prototypes(clusters, confidence, num_clusters, sheet_images)):
+        size = int(np.sum(clusters == cluster))
+        title = f"cluster {cluster}: {size} images" + (
+            f", the {len(members)} most confident" if size > len(members) else ""
+        )
+        write_bytes_atomically(
+            os.path.join(folder, f"cluster-{cluster:02d}.jpg"), contact_sheet(images[members], title)
+        )
+    for name in os.listdir(folder):
+        if re.fullmatch(r"cluster-(\d+)\.jpg", name) and int(name[8:-4]) >= num_clusters:
+            os.remove(os.path.join(folder, name))
+
+
+def save_cluster_table(assigned, path):
+    """Writes clusters.csv: the header, then `cluster_table_rows` of each (split, dataset, probabilities)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["split", "source", "cluster", "confidence", "label"])
+    for split, dataset, probabilities in assigned:
+        writer.writerows(cluster_table_rows(split, dataset, probabilities))
+    write_bytes_atomically(path, text.getvalue().encode())
 
 
 """

@@ -1,5 +1,6 @@
 """The whole script as a user runs it, on a tiny generated image folder, under both backends."""
 
+import csv
 import json
 import os
 import re
@@ -72,6 +73,16 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     assert re.search(r"^\d+/\d+ - .* - consistency_loss: [\d.]+ - entropy_loss: -?[\d.e-]+ - loss: [\d.]+$", out, re.M)
     assert set(metrics["losses"]["clustering"]) == {"consistency_loss", "entropy_loss", "loss"}
     assert not [name for name in os.listdir(output_dir) if name.startswith(".tmp")]  # no temporary files left
+    # clusters.csv: one row per image, the clusters of the printed sizes, sources a user can open.
+    with open(output_dir / "clusters.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [sum(row["cluster"] == str(cluster) for row in rows) for cluster in range(3)] == sizes
+    assert {row["split"] for row in rows} == {"train"} and len({row["source"] for row in rows}) == 24
+    for row in rows:
+        assert os.path.isfile(os.path.join(image_folder, row["source"])) and row["source"].startswith(
+            row["label"] + "/"
+        )
+    assert sorted(os.listdir(output_dir / "clusters")) == ["cluster-00.jpg", "cluster-01.jpg", "cluster-02.jpg"]
     with Image.open(output_dir / "confusion_matrix_train.png") as figure:
         assert figure.format == "PNG"
     last = out.strip().splitlines()[-1]

@@ -1,9 +1,16 @@
-"""Neighbour mining against brute force; the majority-label report and prototypes on hand-made cases."""
+"""Neighbour mining against brute force; the majority-label report, prototypes, clusters.csv and the contact sheets
+on hand-made cases."""
+
+import csv
+import os
+import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import scan_cifar10 as scan
+from conftest import make_image_folder
 
 
 def brute_force_neighbours(features, k):
@@ -64,3 +71,50 @@ def test_the_report_names_empty_clusters_and_the_remedy(tmp_path, capsys):
         np.eye(3)[[0, 1, 2, 0, 1, 2]], labels, ["a", "b", "c"], 2, np.zeros((6, 8, 8, 3), np.uint8), output_path
     )
     assert "ended empty" not in capsys.readouterr().out
+
+
+def test_cluster_table_has_a_row_per_image_with_its_source_cluster_confidence_and_label(tmp_path):
+    probabilities = np.array([[0.7, 0.3], [0.2, 0.8], [0.55, 0.45]])
+    train = scan.Dataset(
+        np.zeros((3, 2, 2, 3), np.uint8), np.array([1, 0, 1]), ["cat", "dog"], "x", ["a.png", "b/c.png", "d.jpg"]
+    )
+    unlabelled = scan.Dataset(np.zeros((1, 2, 2, 3), np.uint8), None, None, "y", ["e.png"])
+    path = str(tmp_path / "clusters.csv")
+    scan.save_cluster_table([("train", train, probabilities), ("eval", unlabelled, np.array([[0.1, 0.9]]))], path)
+    with open(path, newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows == [
+        ["split", "source", "cluster", "confidence", "label"],
+        ["train", "a.png", "0", "0.7000", "dog"],
+        ["train", "b/c.png", "1", "0.8000", "cat"],
+        ["train", "d.jpg", "0", "0.5500", "dog"],
+        ["eval", "e.png", "1", "0.9000", ""],
+    ]
+
+
+def test_folder_and_archive_images_keep_the_names_that_find_them_through_the_hold_out(tmp_path):
+    folder = make_image_folder(tmp_path / "images", num_classes=2, per_class=5)
+    archive = shutil.make_archive(str(tmp_path / "images"), "zip", tmp_path, "images")
+    for data in (folder, archive):
+        train, held_out = scan.split_holdout(scan.load_dataset(data, 32, 0, 0), 3, 0)
+        assert len(train.names) == 7 and len(held_out.names) == 3
+        for dataset in (train, held_out):
+            for name, image, label in zip(dataset.names, dataset.images, dataset.labels, strict=True):
+                path = os.path.join(folder, name.removeprefix("images/"))
+                np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), image)
+                assert name.removeprefix("images/").split("/")[0] == dataset.class_names[label]
+        assert all(name.startswith("images/") for name in train.names) == (data == archive)
+
+
+def test_contact_sheets_show_each_clusters_most_confident_images_first(tmp_path):
+    images = np.stack([np.full((4, 4, 3), value, np.uint8) for value in (0, 80, 160, 240)])
+    probabilities = np.array([[0.6, 0.4], [0.9, 0.1], [0.2, 0.8], [0.3, 0.7]])
+    (tmp_path / "clusters").mkdir()
+    (tmp_path / "clusters" / "cluster-07.jpg").write_bytes(b"from a run with 8 clusters")
+    scan.save_contact_sheets(images, probabilities, 1, str(tmp_path / "clusters"))
+    assert sorted(os.listdir(tmp_path / "clusters")) == ["cluster-00.jpg", "cluster-01.jpg"]
+    # Each sheet holds one tile (the most confident image): cluster 0's is image 1 (80), cluster 1's image 2 (160).
+    for cluster, value in [(0, 80), (1, 160)]:
+        with Image.open(tmp_path / "clusters" / f"cluster-0{cluster}.jpg") as sheet:
+            tile = np.asarray(sheet.convert("RGB"))[16 + 2 : 16 + 6, 2:6]
+        assert np.abs(tile.astype(int) - value).max() <= 8
