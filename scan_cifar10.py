@@ -337,9 +337,13 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
     settings.update(recipes[recipe])
     settings.update(given)
     own_data = settings["data"] not in cifar10_names
+    holdout_from_recipe = "holdout_images" not in given and "holdout_images" in recipes[recipe]
     if own_data and "eval_data" not in given and settings.get("eval_data") in cifar10_names:
         settings["eval_data"] = ""
         settings["holdout_images"] = given.get("holdout_images", own_data_holdout)
+        holdout_from_recipe = "holdout_images" not in given
+    # A recipe's hold-out fits the user's own images: a fifth of them, at most HOLDOUT_IMAGES (holdout_count).
+    settings["holdout_share"] = 0.2 if own_data and holdout_from_recipe else 0.0
     return argparse.Namespace(**settings)
 
 
@@ -965,6 +969,12 @@ def load_dataset(data, input_size, max_images, seed):
     return dataset
 
 
+def holdout_count(maximum, share, num_images):
+    """How many of `num_images` to hold out: `maximum`, or with a `share` (a recipe's hold-out of the user's own
+    images) that share of them, at most `maximum`."""
+    return min(maximum, int(num_images * share)) if share else maximum
+
+
 def split_holdout(dataset, holdout_images, seed):
     """Splits a seeded random `holdout_images` images off `dataset`: returns (training set, held-out set)."""
     if holdout_images >= len(dataset.images):
@@ -1002,11 +1012,20 @@ def prepare_data(run):
     """Loads DATA (and EVAL_DATA, or holds HOLDOUT_IMAGES out of it) and checks the settings against it: a mistake
     shows here, before anything is written."""
     settings = run.settings
-    subset_size = settings.max_images + settings.holdout_images if settings.max_images else 0
+    holdout_for = lambda num_images: holdout_count(settings.holdout_images, settings.holdout_share, num_images)  # noqa: E731
+    subset_size = 0
+    if settings.max_images:  # MAX_IMAGES to train on, and the hold-out that leaves them
+        subset_size = settings.max_images + holdout_for(math.ceil(settings.max_images / (1 - settings.holdout_share)))
     dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
     eval_set = None
     if settings.holdout_images:
-        dataset, eval_set = split_holdout(dataset, settings.holdout_images, settings.seed)
+        holdout = holdout_for(len(dataset.images))
+        if settings.holdout_share:
+            print(
+                f"holding out {holdout} of the {len(dataset.images)} images to evaluate on: the recipe's share of your "
+                f"own data (a fifth, at most {settings.holdout_images}; --holdout_images=N sets it)"
+            )
+        dataset, eval_set = split_holdout(dataset, holdout, settings.seed)
     elif settings.eval_data:
         eval_set = load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
     validate_against_data(settings, len(dataset.images), run.num_devices)

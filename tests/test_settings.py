@@ -203,6 +203,39 @@ def test_a_recipes_cifar10_evaluation_applies_to_cifar10_only():
     assert (given.eval_data, given.holdout_images) == ("path/to/other", 0)
     assert own(["--recipe=cpu", "--data=path/to/images"]).holdout_images == 10000
     assert own(["--data=path/to/images"]).eval_data == "" and own(["--data=path/to/images"]).holdout_images == 0
+    # A recipe's hold-out of the user's own images is a fifth of them, at most that many; a given one wins.
+    assert folder.holdout_share == own(["--recipe=cpu", "--data=path/to/images"]).holdout_share == 0.2
+    assert own(["--recipe=cpu", "--data=path/to/images", "--holdout_images=50"]).holdout_share == 0.0
+    assert own(["--recipe=cpu"]).holdout_share == own(["--data=path/to/images"]).holdout_share == 0.0
+
+
+@pytest.mark.parametrize(
+    "maximum, share, num_images, expected", [(10000, 0.2, 2000, 400), (10000, 0.2, 50000, 10000),
+                                             (10000, 0.2, 60000, 10000), (300, 0.0, 2000, 300), (10, 0.2, 49, 9)]
+)  # fmt: skip
+def test_holdout_count_is_a_fifth_of_the_images_at_most_the_maximum(maximum, share, num_images, expected):
+    assert scan.holdout_count(maximum, share, num_images) == expected
+
+
+def test_a_recipe_holds_out_a_fifth_of_a_small_folder_and_says_so(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "images", num_classes=2, per_class=10)
+    with open(SCRIPT) as file:
+        comments = scan.read_settings_block(file.read())
+    defaults = {name: getattr(scan, name) for name in comments}
+    for extra, trained, held_out in [([], 16, 4), (["--max_images=8"], 8, 2), (["--holdout_images=5"], 15, 5)]:
+        settings = scan.parse_settings(
+            ["--recipe=cpu", f"--data={folder}", "--k_neighbours=3", "--batch_size=4", "--num_clusters=2", *extra],
+            defaults,
+            comments,
+            scan.RECIPES,
+            tuple(scan.CIFAR10_SPLITS),
+        )
+        data = scan.prepare_data(scan.Run(settings, gpus=[], num_devices=1, times=None))
+        assert (len(data.train.images), len(data.eval.images)) == (trained, held_out), extra
+        said = (
+            "holding out 4 of the 20 images to evaluate on: the recipe's share of your own data (a fifth, at most 10000"
+        )
+        assert (said in capsys.readouterr().out) == (extra == [])
 
 
 def test_a_recipe_on_a_folder_never_reaches_for_cifar10(tmp_path, monkeypatch, capsys):
