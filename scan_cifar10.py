@@ -93,6 +93,7 @@ RECIPE = "tutorial"  # "tutorial" (the constants below), "scan" (the SCAN paper)
 # Data
 DATA = "cifar10"  # "cifar10" (train+test), "cifar10-train", "cifar10-test", a cifar-10-batches-py folder, images (folder or archive)
 EVAL_DATA = ""  # a second source, same forms as DATA, to evaluate the trained model on ("" = none)
+ASSIGN_DATA = ""  # new images, same forms as DATA, to put into the clusters learned before, training nothing
 HOLDOUT_IMAGES = 0  # hold this many DATA images out of training and evaluate on them (0 = none)
 MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many to train on
 INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder images are resized to it
@@ -3398,6 +3399,7 @@ class StageCache:
         self.folder = folder
         self.resume = resume
         self.recomputed = False
+        self.reuse_only = False  # True (ASSIGN_DATA): a stage missing from the cache is an error, not a computation
 
     @staticmethod
     def fingerprint(previous, stage, settings):
@@ -3428,11 +3430,20 @@ class StageCache:
         if array is not None:
             print(f"{title}: done before, reusing {path}")
             return array
+        self.refuse_to_compute(title)
         warn_if_short_of_space(self.folder, expected_bytes, title)
         self.recomputed = True
         array = compute()
         save_array(array, path)
         return array
+
+    def refuse_to_compute(self, title):
+        """With `reuse_only`, a stage that is not in the cache stops the run with one line that says how to train it."""
+        if self.reuse_only:
+            raise UsageError(
+                f"--assign_data: no finished {title} in {self.folder} matches these settings and data; train it first "
+                "with the same command without --assign_data, then assign"
+            )
 
     def trained_model(self, stage, fingerprint, title, model, train):
         """Loads `model`'s weights if the stage finished before, else runs `train(backup_dir)` and saves them.
@@ -3444,6 +3455,7 @@ class StageCache:
         if record is not None and self.read(weights_path, lambda path: model.load_weights(path) or True):
             print(f"{title}: done before, reusing {weights_path}")
             return record["history"]
+        self.refuse_to_compute(title)
         backup_dir = self.path(stage, fingerprint, ".backup")
         if not self.resume or self.recomputed:  # A checkpoint of this stage may come from other inputs.
             shutil.rmtree(backup_dir, ignore_errors=True)
@@ -3592,9 +3604,14 @@ def train_and_evaluate(settings, gpus, num_devices, stage_settings):
     run = Run(settings, gpus, num_devices, StageTimes(CompilationLog()))
     with run.times.stage("data"):
         data = prepare_data(run)
+        new_images = (
+            load_assign_data(settings.assign_data, settings.input_size, settings.seed) if settings.assign_data else None
+        )
     run.open_cache(data.digest, stage_settings)  # Every check has passed: only now is anything written.
     with run.times.stage("preprocessing"):
         preprocessing = prepare_preprocessing(run, data)
+    if settings.assign_data:  # New images into the clusters learned before: every stage comes from the cache.
+        return assign_images(run, data, preprocessing, new_images)
 
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
     with run.times.stage("representation_learning"):
@@ -3653,6 +3670,38 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
     split, _ = data.evaluated()
     print(result_line(split, analysis.splits[split], run.settings.num_clusters))
     return metrics
+
+
+def load_assign_data(path, input_size, seed):
+    """The images of ASSIGN_DATA (any form DATA takes), with the loader's errors naming --assign_data."""
+    try:
+        return load_dataset(path, input_size, 0, seed)
+    except UsageError as error:
+        raise UsageError(str(error).replace(f"--data={path}", f"--assign_data={path}")) from None
+
+
+def assign_images(run, data, preprocessing, new):
+    """Puts the `new` images (ASSIGN_DATA) into the clusters that these settings learned on this data before, training
+    nothing: every stage comes from the stage cache, so the model that assigns is the one that run evaluated. Prints
+    the cluster sizes; writes assigned.csv and assigned/cluster-NN.jpg; returns the sizes."""
+    settings = run.settings
+    run.cache.reuse_only = True
+    print(f"\n## Assign {settings.assign_data} to the clusters learned before (nothing is trained)")
+    representation = learn_representation(run, data, preprocessing)
+    neighbours = find_neighbours(run, data, preprocessing, representation)
+    clustering = learn_clusters(run, data, preprocessing, representation, neighbours)
+    if settings.self_label_epochs:
+        self_label(run, data, representation, neighbours, clustering)
+    probabilities = predict_in_full_batches(clustering.model, new.images, settings.embedding_batch_size)
+    sizes = np.bincount(assign_clusters(probabilities)[0], minlength=settings.num_clusters)
+    for cluster, size in enumerate(sizes):
+        print("cluster", cluster, ":", size)
+    save_cluster_table([("assigned", new, probabilities)], run.output_path("assigned.csv"))
+    if settings.sheet_images:
+        save_contact_sheets(new.images, probabilities, settings.sheet_images, run.output_path("assigned"))
+    print(f"assigned {len(new.images)} images of {new.source}: see assigned.csv and assigned/cluster-NN.jpg")
+    print(f"RESULT split=assigned images={len(new.images)} clusters={settings.num_clusters}")
+    return {"assigned": len(new.images), "cluster_sizes": sizes.tolist()}
 
 
 def result_line(split, metrics, num_clusters):

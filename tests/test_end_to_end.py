@@ -181,3 +181,42 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     line = r"^clustering: (\d+) XLA programs, 1 train_step, 1 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
     match = re.search(line, again.stdout, flags=re.MULTILINE)
     assert match and match.group(1) == match.group(2)
+
+
+def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(tmp_path):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
+    output_dir = tmp_path / "out"
+    args = [f"--data={folder}", f"--output_dir={output_dir}", "--encoder=small", "--holdout_images=6", *TINY]
+    trained = run_script(args, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    with open(output_dir / "clusters.csv", newline="") as file:
+        learned = {row["source"]: row for row in csv.DictReader(file)}
+    assert sorted(row["split"] for row in learned.values()).count("eval") == 6 and len(learned) == 30
+
+    assigned = run_script([*args, f"--assign_data={folder}"], cwd=tmp_path)
+    assert assigned.returncode == 0, assigned.stderr[-3000:]
+    out = assigned.stdout
+    assert not re.search(r"^Epoch \d", out, flags=re.MULTILINE)  # nothing trained
+    for stage in ["representation learning", "embeddings", "neighbour mining", "clustering"]:
+        assert f"{stage}: done before, reusing" in out, stage
+    with open(output_dir / "assigned.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    # Every image of the folder, each in the cluster the training run reported for it (held-out ones included).
+    assert len(rows) == 30 and {row["split"] for row in rows} == {"assigned"}
+    for row in rows:
+        assert row["cluster"] == learned[row["source"]]["cluster"], row["source"]
+        assert float(row["confidence"]) == pytest.approx(float(learned[row["source"]]["confidence"]), abs=2e-4)
+    sizes = [int(size) for size in re.findall(r"^cluster \d+ : (\d+)$", out, flags=re.MULTILINE)]
+    assert sizes == [sum(row["cluster"] == str(cluster) for row in rows) for cluster in range(3)]
+    assert sorted(os.listdir(output_dir / "assigned")) == ["cluster-00.jpg", "cluster-01.jpg", "cluster-02.jpg"]
+    assert out.strip().splitlines()[-1] == "RESULT split=assigned images=30 clusters=3"
+
+    # Settings that were never trained: one line that says which command trains them; nothing assigned.
+    (output_dir / "assigned.csv").unlink()
+    untrained = run_script([*args, "--clustering_epochs=2", f"--assign_data={folder}"], cwd=tmp_path)
+    assert untrained.returncode == 2
+    assert re.search(r"error: --assign_data: no finished clustering in .* matches these settings and data; train it "
+                     r"first with the same command without --assign_data", untrained.stderr)  # fmt: skip
+    assert not (output_dir / "assigned.csv").exists()
+    missing = run_script([*args, f"--assign_data={tmp_path / 'none'}"], cwd=tmp_path)
+    assert missing.returncode == 2 and f"error: --assign_data={tmp_path / 'none'}: no such file" in missing.stderr
