@@ -29,8 +29,9 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
   compiling; a second run loads every compiled program from OUTPUT_DIR/cache/compiled), 25.05 % overall
   majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes), measured while Keras decayed the
   weights by 1e-7 a step, not the tutorial's 1e-4 (README, "Weight decay"; unmeasured since);
-- `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU with TensorFlow 2.21: 18.5 minutes in all,
-  41.4 % Hungarian accuracy (NMI 0.280, ARI 0.189) on 10,000 held-out images, neighbour purity 49.2 %;
+- `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU, TensorFlow 2.21 (docs/cpu-recipe.md):
+  17.4 minutes in all, 43.12 % Hungarian accuracy (NMI 0.305, ARI 0.212) on 10,000 held-out images, neighbour
+  purity 51.0 %, weighted kNN accuracy 62.8 %;
 - `--recipe=gpu --data=path/to/cifar10-train-jpeg` on one NVIDIA H200 with JAX 0.11.2 (docs/gpu-recipe.md): about
   5.1 minutes summed from measured stages, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out
   images, neighbour purity 60.8 % (SCAN reaches 81.8-88.3 % after hours).
