@@ -1712,13 +1712,7 @@ def conv_block(filters, strides=1, torch_conventions=False):
     pads only after, centring it on 2i + 1, half a stride away); batch normalisation keeps 0.9 of its running
     statistics per step (PyTorch's momentum 0.1) with epsilon 1e-5; the convolution's init is He-normal.
     """
-    if not torch_conventions:
-        return [
-            layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False),
-            layers.BatchNormalization(),
-            layers.ReLU(),
-        ]
-    padding = [layers.ZeroPadding2D(1)] if strides != 1 else []
+    padding = [layers.ZeroPadding2D(1)] if torch_conventions and strides != 1 else []
     return [
         *padding,
         layers.Conv2D(
@@ -1727,11 +1721,16 @@ def conv_block(filters, strides=1, torch_conventions=False):
             strides=strides,
             padding="valid" if padding else "same",
             use_bias=False,
-            kernel_initializer=convolution_initializer(True),
+            kernel_initializer=convolution_initializer(torch_conventions),
         ),
-        layers.BatchNormalization(momentum=0.9, epsilon=1e-5),
+        batch_normalization(torch_conventions),
         layers.ReLU(),
     ]
+
+
+def batch_normalization(torch_conventions):
+    """Keras's batch normalisation, or PyTorch's: 0.9 of the running statistics kept per step, epsilon 1e-5."""
+    return layers.BatchNormalization(momentum=0.9, epsilon=1e-5) if torch_conventions else layers.BatchNormalization()
 
 
 def create_cifar_resnet18(torch_conventions=False):
@@ -1751,14 +1750,13 @@ def basic_block(x, filters, strides, torch_conventions=False):
     residual = x
     for layer in conv_block(filters, strides, torch_conventions):
         residual = layer(residual)
-    normalization = {"momentum": 0.9, "epsilon": 1e-5} if torch_conventions else {}
     initializer = convolution_initializer(torch_conventions)
     residual = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=initializer)(residual)
-    residual = layers.BatchNormalization(**normalization)(residual)
+    residual = batch_normalization(torch_conventions)(residual)
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False, kernel_initializer=initializer)(x)
-        shortcut = layers.BatchNormalization(**normalization)(shortcut)
+        shortcut = batch_normalization(torch_conventions)(shortcut)
     return layers.ReLU()(layers.Add()([residual, shortcut]))
 
 
