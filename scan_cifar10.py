@@ -30,8 +30,9 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
   majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes), measured while Keras decayed the
   weights by 1e-7 a step, not the tutorial's 1e-4 (README, "Weight decay"; unmeasured since);
 - `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU, TensorFlow 2.21 (docs/cpu-recipe.md):
-  17.4 minutes in all, 43.12 % Hungarian accuracy (NMI 0.305, ARI 0.212) on 10,000 held-out images, neighbour
-  purity 51.0 %, weighted kNN accuracy 62.8 %;
+  15.6 minutes in all, 43.43 % Hungarian accuracy (NMI 0.306, ARI 0.212) on 10,000 held-out images, neighbour
+  purity 51.0 %, weighted kNN accuracy 62.8 % (nine seeds of the clustering stage on that encoder: 39.2-48.0 %,
+  42.5 % on average);
 - `--recipe=gpu --data=path/to/cifar10-train-jpeg` on one NVIDIA H200 with JAX 0.11.2 (docs/gpu-recipe.md): about
   5.1 minutes summed from measured stages, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out
   images, neighbour purity 60.8 % (SCAN reaches 81.8-88.3 % after hours).
@@ -143,6 +144,7 @@ CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_
 SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)
 TUNE_ENCODER_DURING_CLUSTERING = False  # False freezes the encoder while the clustering head learns
 CLUSTER_ON_FEATURES = False  # True (frozen encoder): clustering and self-labeling train the head on cached features
+HEAD_FEATURES = "encoder"  # what the clustering head sits on: the "encoder" (tutorial, SCAN) or SimCLR's "projection"
 ENTROPY_LOSS_WEIGHT = 5.0  # weight of the entropy term; the "tutorial" loss stores it but never uses it
 CLUSTERING_EPOCHS = 50  # clustering training epochs
 CLUSTERING_LEARNING_RATE = 0.0005  # AdamW learning rate of cluster learning
@@ -195,8 +197,9 @@ RECIPES = {
         "embed_raw_pixels": False, "mining_features": "projection", "k_neighbours": 20, "num_clusters": 10,
         "num_heads": 10, "clustering_loss": "scan", "sample_one_neighbour": True,
         "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,
-        "clustering_learning_rate": 0.001, "strong_augmentation": "scan", "keep_best_clustering_epoch": True,
-        "self_label_epochs": 10, "self_label_threshold": 0.99, "self_label_learning_rate": 0.0001,
+        "head_features": "projection", "clustering_learning_rate": 0.001, "strong_augmentation": "scan",
+        "keep_best_clustering_epoch": True, "self_label_epochs": 10, "self_label_threshold": 0.99,
+        "self_label_learning_rate": 0.0001,
     },
     # SCAN cut to 10 minutes on one GPU, as measured on an H200 (docs/gpu-recipe.md): 200 SimCLR epochs after a
     # 10-epoch warm-up; the clustering head then learns on the frozen encoder's cached features, and self-labeling
@@ -223,6 +226,7 @@ CHOICES = {
     "self_label_weak_view": ["none", "flip-shift"],
     "projection_head": ["tutorial", "mlp"],
     "mining_features": ["encoder", "projection"],
+    "head_features": ["encoder", "projection"],
     "contrastive_loss": ["tutorial", "ntxent"],
     "representation_optimizer": ["adamw", "sgd"],
     "clustering_loss": ["tutorial", "scan"],
@@ -243,8 +247,8 @@ STAGE_SETTINGS = {
     "neighbours": ["k_neighbours"],
     "clustering": [
         "seed", "num_clusters", "num_heads", "clustering_loss", "sample_one_neighbour",
-        "tune_encoder_during_clustering", "cluster_on_features", "entropy_loss_weight", "clustering_epochs",
-        "clustering_learning_rate", "weight_decay", "batch_size", "strong_augmentation", "keep_best_clustering_epoch",
+        "tune_encoder_during_clustering", "cluster_on_features", "head_features", "entropy_loss_weight",
+        "clustering_epochs", "clustering_learning_rate", "weight_decay", "batch_size", "strong_augmentation", "keep_best_clustering_epoch",
     ],
     "self_labeling": [
         "self_label_epochs", "self_label_threshold", "self_label_learning_rate", "self_label_weak_view",
@@ -2605,7 +2609,9 @@ class KeepBestEpoch(keras.callbacks.Callback):
 
 Two decisions shape the stage, each made in one place. What the head learns on (`choose_head_inputs`): the images,
 through the encoder and the augmentation, as in the tutorial; or, with CLUSTER_ON_FEATURES, the frozen encoder's
-features of the un-augmented images, computed once, so each step trains the head alone. How many heads
+features of the un-augmented images, computed once, so each step trains the head alone. Either way the head sits on
+the encoder, or with HEAD_FEATURES = "projection" on SimCLR's projection head after it (`head_backbone`): the space
+where the neighbours were mined, whose features the neighbours stage has already computed. How many heads
 (`create_clustering_models`): the tutorial's one, or NUM_HEADS side by side, of which the best is kept. Self-labeling
 learns on the same inputs.
 """
@@ -2620,19 +2626,33 @@ class HeadInputs(NamedTuple):
     augmentation: layers.Layer | None  # the images' augmentation; None for features, which no augmentation varies
 
 
+def head_backbone(representation, head_features):
+    """What the clustering head sits on: the encoder (the tutorial, SCAN's code), or with HEAD_FEATURES = "projection"
+    the encoder followed by SimCLR's projection head, the space where MINING_FEATURES = "projection" finds each
+    image's neighbours."""
+    return representation.projected_encoder if head_features == "projection" else representation.encoder
+
+
 def choose_head_inputs(run, data, preprocessing, representation, neighbours):
-    """The images (the tutorial), or with CLUSTER_ON_FEATURES the frozen encoder's features of the un-augmented
-    images, as the neighbours stage computed them or computed here."""
+    """The images (the tutorial), or with CLUSTER_ON_FEATURES the frozen encoder's (or projection head's: HEAD_FEATURES)
+    features of the un-augmented images, as the neighbours stage computed them or computed here."""
     settings = run.settings
     if not settings.cluster_on_features:
         augmentation = preprocessing.data_augmentation
         if settings.strong_augmentation != "augmentation":  # SCAN's strong view (STRONG_AUGMENTATION)
             augmentation = create_data_augmentation(settings.strong_augmentation, settings.seed)
         return HeadInputs(False, data.train.images, preprocessing.image_rows, augmentation)
-    features = neighbours.encoder_features
+    if settings.head_features == "encoder":
+        features = neighbours.encoder_features
+    else:  # The projections the neighbours were mined in, unless those were of the encoder or of raw pixels.
+        mined_in_projections = settings.mining_features == "projection" and not settings.embed_raw_pixels
+        features = neighbours.feature_vectors if mined_in_projections else None
     if features is None:
         features = compute_embeddings(
-            representation.encoder, data.train.images, settings.embedding_batch_size, preprocessing.data_preprocessing
+            head_backbone(representation, settings.head_features),
+            data.train.images,
+            settings.embedding_batch_size,
+            preprocessing.data_preprocessing,
         )
     return HeadInputs(True, features, hold_on_device(features, settings.data_on_device), None)
 
@@ -2649,7 +2669,7 @@ class ClusteringModels(NamedTuple):
 
 def create_clustering_models(run, preprocessing, representation, head_inputs):
     """The kept model with one head and, when NUM_HEADS > 1, the side-by-side heads that train in its place."""
-    settings, encoder = run.settings, representation.encoder
+    settings, encoder = run.settings, head_backbone(representation, run.settings.head_features)
     features = head_inputs.inputs if head_inputs.on_features else None
     head = create_clustering_head(settings.num_clusters, features)
     clustering_model = create_clustering_model(
@@ -2693,7 +2713,7 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
     clustering_loss.png."""
     settings = run.settings
     # If tune_encoder_during_clustering is set to False, then freeze the encoder weights.
-    for layer in representation.encoder.layers:
+    for layer in head_backbone(representation, settings.head_features).layers:
         layer.trainable = settings.tune_encoder_during_clustering
     head_inputs = choose_head_inputs(run, data, preprocessing, representation, neighbours)
     models = create_clustering_models(run, preprocessing, representation, head_inputs)
@@ -2900,7 +2920,7 @@ def self_label(run, data, representation, neighbours, clustering):
         )
     augmentations = (None, None)  # Cached features: no augmentation can vary them.
     if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
-        for layer in representation.encoder.layers:
+        for layer in head_backbone(representation, settings.head_features).layers:
             layer.trainable = True
         augmentations = self_label_augmentations(
             settings.self_label_weak_view, settings.strong_augmentation, settings.augmentation, settings.seed
