@@ -248,7 +248,8 @@ STAGE_SETTINGS = {
     "clustering": [
         "seed", "num_clusters", "num_heads", "clustering_loss", "sample_one_neighbour",
         "tune_encoder_during_clustering", "cluster_on_features", "head_features", "entropy_loss_weight",
-        "clustering_epochs", "clustering_learning_rate", "weight_decay", "batch_size", "strong_augmentation", "keep_best_clustering_epoch",
+        "clustering_epochs", "clustering_learning_rate", "weight_decay", "batch_size", "strong_augmentation",
+        "keep_best_clustering_epoch",
     ],
     "self_labeling": [
         "self_label_epochs", "self_label_threshold", "self_label_learning_rate", "self_label_weak_view",
