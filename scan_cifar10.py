@@ -2670,11 +2670,11 @@ class ClusteringModels(NamedTuple):
 
 def create_clustering_models(run, preprocessing, representation, head_inputs):
     """The kept model with one head and, when NUM_HEADS > 1, the side-by-side heads that train in its place."""
-    settings, encoder = run.settings, head_backbone(representation, run.settings.head_features)
+    settings, backbone = run.settings, head_backbone(representation, run.settings.head_features)
     features = head_inputs.inputs if head_inputs.on_features else None
     head = create_clustering_head(settings.num_clusters, features)
     clustering_model = create_clustering_model(
-        encoder, head, settings.input_size, preprocessing.data_preprocessing, name="clustering"
+        backbone, head, settings.input_size, preprocessing.data_preprocessing, name="clustering"
     )
     # SCAN trains NUM_HEADS heads side by side, then keeps the one with the lowest loss; one is the tutorial's.
     heads = head
@@ -2684,7 +2684,7 @@ def create_clustering_models(run, preprocessing, representation, head_inputs):
         return ClusteringModels(clustering_model, head, heads, heads, head)
     training_model = clustering_model
     if heads is not head:
-        training_model = create_clustering_model(encoder, heads, settings.input_size, preprocessing.data_preprocessing)
+        training_model = create_clustering_model(backbone, heads, settings.input_size, preprocessing.data_preprocessing)
     return ClusteringModels(clustering_model, head, heads, training_model, clustering_model)
 
 
