@@ -2282,6 +2282,7 @@ class Neighbours(NamedTuple):
     indices: np.ndarray  # [num_images, K_NEIGHBOURS]: each image's nearest neighbours, nearest first
     purity: float | None  # the share of neighbours that share their anchor's label; None without labels
     encoder_features: np.ndarray | None  # [num_images, dimensions]: the encoder's L2-normalised features, if computed
+    projection_features: np.ndarray | None  # [num_images, PROJECTION_UNITS]: the projection head's, if computed
     knn_accuracy: float | None  # the evaluation images' weighted kNN accuracy; None without labelled evaluation images
 
 
@@ -2320,11 +2321,11 @@ def find_neighbours(run, data, preprocessing, representation):
         print(f"neighbour purity: {purity:.2%} of the {settings.k_neighbours} neighbours share their anchor's label")
     anchors = np.random.default_rng(settings.seed + 1).choice(len(x_data), 4, replace=False)
     plot_neighbours(x_data, y_data, data.train.class_names, neighbours, anchors, run.output_path("neighbours.png"))
-    # The encoder's features of the training images (the embeddings, unless those were of raw pixels or of
-    # projections), for the kNN monitor and for a head on cached features.
-    encoder_features = None
-    if not settings.embed_raw_pixels and settings.mining_features == "encoder":
-        encoder_features = feature_vectors
+    # The embeddings are the features of a space, the encoder's or the projection head's, unless they were of raw
+    # pixels: the kNN monitor and a head on cached features (HEAD_FEATURES) reuse them.
+    mined_space = None if settings.embed_raw_pixels else settings.mining_features
+    encoder_features = feature_vectors if mined_space == "encoder" else None
+    projection_features = feature_vectors if mined_space == "projection" else None
     knn_accuracy = None
     evaluated = data.eval
     if y_data is not None and evaluated is not None and evaluated.labels is not None:
@@ -2340,7 +2341,7 @@ def find_neighbours(run, data, preprocessing, representation):
                 f"kNN accuracy: {knn_accuracy:.2%} of the {len(evaluated.labels)} evaluation images take the label "
                 "that their 200 most similar training images vote for (encoder features, temperature 0.1)"
             )
-    return Neighbours(feature_vectors, neighbours, purity, encoder_features, knn_accuracy)
+    return Neighbours(feature_vectors, neighbours, purity, encoder_features, projection_features, knn_accuracy)
 
 
 """
@@ -2643,12 +2644,8 @@ def choose_head_inputs(run, data, preprocessing, representation, neighbours):
         if settings.strong_augmentation != "augmentation":  # SCAN's strong view (STRONG_AUGMENTATION)
             augmentation = create_data_augmentation(settings.strong_augmentation, settings.seed)
         return HeadInputs(False, data.train.images, preprocessing.image_rows, augmentation)
-    if settings.head_features == "encoder":
-        features = neighbours.encoder_features
-    else:  # The projections the neighbours were mined in, unless those were of the encoder or of raw pixels.
-        mined_in_projections = settings.mining_features == "projection" and not settings.embed_raw_pixels
-        features = neighbours.feature_vectors if mined_in_projections else None
-    if features is None:
+    features = neighbours.encoder_features if settings.head_features == "encoder" else neighbours.projection_features
+    if features is None:  # The neighbours stage did not compute them.
         features = compute_embeddings(
             head_backbone(representation, settings.head_features),
             data.train.images,

@@ -129,7 +129,7 @@ def test_clustering_model_on_images_matches_the_head_on_the_features_it_learned_
 
 
 @pytest.mark.parametrize("mining_features", ["projection", "encoder"])
-def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_mined_in(mining_features):
+def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_mined_in(tmp_path, mining_features):
     images = np.random.default_rng(7).uniform(0, 255, size=(12, 16, 16, 3)).astype("float32")
     normalization = scan.create_data_preprocessing(16, images)
     preprocessing = scan.Preprocessing(normalization, None, None)
@@ -139,19 +139,20 @@ def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_m
     # The reference: the projection head's outputs of the preprocessed images, by hand, L2-normalised in numpy.
     projections = projector.predict(encoder.predict(normalization(images), verbose=0), verbose=0)
     projections /= np.linalg.norm(projections, axis=1, keepdims=True)
-    encoder_features = scan.compute_embeddings(encoder, images, 5, normalization)
-    mined = projections if mining_features == "projection" else encoder_features
-    neighbours = scan.Neighbours(mined, np.zeros((12, 2), int), None, encoder_features, None)
     settings = argparse.Namespace(
         cluster_on_features=True, head_features="projection", mining_features=mining_features, embed_raw_pixels=False,
         embedding_batch_size=5, data_on_device="false", strong_augmentation="augmentation", num_clusters=3,
-        num_heads=2, input_size=16,
+        num_heads=2, input_size=16, k_neighbours=2, projection_units=5, seed=0, output_dir=str(tmp_path),
     )  # fmt: skip
     run = scan.Run(settings, gpus=[], num_devices=1, times=None)
+    (tmp_path / "cache").mkdir()
+    run.cache = scan.StageCache(str(tmp_path / "cache"), resume=True)
+    run.fingerprints = {"embeddings": "e", "neighbours": "n"}
     data = scan.Data(scan.Dataset(images, None, [], "images"), None, "digest")
+    neighbours = scan.find_neighbours(run, data, preprocessing, representation)
     head_inputs = scan.choose_head_inputs(run, data, preprocessing, representation, neighbours)
     # Mined among the projections: those very features, not computed again; else the projections, computed here.
-    assert (head_inputs.inputs is mined) == (mining_features == "projection")
+    assert (head_inputs.inputs is neighbours.feature_vectors) == (mining_features == "projection")
     np.testing.assert_allclose(head_inputs.inputs, projections, atol=1e-5)
     models = scan.create_clustering_models(run, preprocessing, representation, head_inputs)
     # The kept model on images is the head on the projections, as a numpy softmax of the standardised unit vectors.
@@ -159,8 +160,13 @@ def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_m
     kernel, bias = models.head.layers[-2].get_weights()
     reference = softmax((projections - mean) / np.sqrt(variance) @ kernel + bias)
     np.testing.assert_allclose(models.model.predict(images, verbose=0), reference, atol=1e-4)
-    settings.head_features = "encoder"  # the tutorial's: the encoder's features
-    assert scan.choose_head_inputs(run, data, preprocessing, representation, neighbours).inputs is encoder_features
+    settings.head_features = "encoder"  # the tutorial's: the encoder's features, those mined in or computed here
+    encoder_features = scan.choose_head_inputs(run, data, preprocessing, representation, neighbours).inputs
+    assert (encoder_features is neighbours.feature_vectors) == (mining_features == "encoder")
+    reference = encoder.predict(normalization(images), verbose=0)
+    np.testing.assert_allclose(
+        encoder_features, reference / np.linalg.norm(reference, axis=1, keepdims=True), atol=1e-5
+    )
 
 
 def test_affine_resample_equals_keras_affine_transform():
