@@ -2286,9 +2286,10 @@ class Neighbours(NamedTuple):
     knn_accuracy: float | None  # the evaluation images' weighted kNN accuracy; None without labelled evaluation images
 
 
-def find_neighbours(run, data, preprocessing, representation):
+def find_neighbours(run, data, preprocessing, representation, knn_monitor=True):
     """Embeds every training image and mines its K_NEIGHBOURS nearest neighbours (or reuses both from the cache);
-    prints their label purity and saves neighbours.png."""
+    prints their label purity and saves neighbours.png. With `knn_monitor`, and labelled evaluation images, also
+    prints their weighted kNN accuracy."""
     settings, x_data, y_data = run.settings, data.train.images, data.train.labels
     feature_vectors = run.cache.array(
         "embeddings",
@@ -2328,7 +2329,7 @@ def find_neighbours(run, data, preprocessing, representation):
     projection_features = feature_vectors if mined_space == "projection" else None
     knn_accuracy = None
     evaluated = data.eval
-    if y_data is not None and evaluated is not None and evaluated.labels is not None:
+    if knn_monitor and y_data is not None and evaluated is not None and evaluated.labels is not None:
         if evaluated.class_names == data.train.class_names:
             # One model embeds both splits, so that its prediction compiles once.
             embedder = keras.Sequential([preprocessing.data_preprocessing, representation.encoder])
@@ -3705,7 +3706,8 @@ def assign_images(run, data, preprocessing, new):
     run.cache.reuse_only = True
     print(f"\n## Assign {settings.assign_data} to the clusters learned before (nothing is trained)")
     representation = learn_representation(run, data, preprocessing)
-    neighbours = find_neighbours(run, data, preprocessing, representation)
+    # The kNN monitor measured the training run; assigning needs only what the clusters were learned from.
+    neighbours = find_neighbours(run, data, preprocessing, representation, knn_monitor=False)
     clustering = learn_clusters(run, data, preprocessing, representation, neighbours)
     if settings.self_label_epochs:
         self_label(run, data, representation, neighbours, clustering)

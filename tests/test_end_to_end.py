@@ -197,6 +197,7 @@ def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(
     assert assigned.returncode == 0, assigned.stderr[-3000:]
     out = assigned.stdout
     assert not re.search(r"^Epoch \d", out, flags=re.MULTILINE)  # nothing trained
+    assert "kNN accuracy: " in trained.stdout and "kNN accuracy" not in out  # the monitor is the training run's
     for stage in ["representation learning", "embeddings", "neighbour mining", "clustering"]:
         assert f"{stage}: done before, reusing" in out, stage
     with open(output_dir / "assigned.csv", newline="") as file:
