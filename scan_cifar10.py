@@ -32,7 +32,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
 - `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU, TensorFlow 2.21 (docs/cpu-recipe.md):
   16.2 minutes in all (20.6 in a run when the shared machine was slow), 48.63 % Hungarian accuracy (NMI 0.338,
   ARI 0.253) on 10,000 held-out images, neighbour purity 52.1 %, weighted kNN accuracy 63.6 % (nine seeds of the
-  clustering stage on that encoder: 40.5-48.6 %, 44.2 % on average);
+  clustering stage on that encoder: 40.5-48.6 %, 44.2 % on average; three SimCLR seeds, nine draws each: 43.3 %);
 - `--recipe=gpu --data=path/to/cifar10-train-jpeg` on one NVIDIA H200 with JAX 0.11.2 (docs/gpu-recipe.md): about
   5.1 minutes summed from measured stages, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out
   images, neighbour purity 60.8 % (SCAN reaches 81.8-88.3 % after hours).
