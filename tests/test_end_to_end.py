@@ -5,9 +5,11 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
+import scan_cifar10 as scan
 from conftest import make_image_folder, run_script
 
 TINY = ["--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--num_clusters=3",
@@ -167,8 +169,10 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert steps["clustering"] == {"train_step": 1, "predict_step": 1}  # the heads, to rank them
     # Two models predict once each: the clustering model, for the accuracy before self-labeling, and the head.
     assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 2} if self_labeled else {"predict_step": 2})
-    # Both splits then reuse the clustering model's one prediction step: the analysis compiles nothing.
-    assert "cluster_analysis" not in steps and "preprocessing" in steps
+    # Both splits then reuse the clustering model's one prediction step. The recipe's vote (PREDICTION_NEIGHBOURS)
+    # also embeds the held-out images where the neighbours were mined, with a new embedder (the clustering stage
+    # has frozen the encoder since the neighbours stage embedded with it): one more prediction step.
+    assert steps["cluster_analysis"] == {"predict_step": 1} and "preprocessing" in steps
     assert all(compiled["from_cache"] == 0 for compiled in metrics["compilations"].values())
 
     again = run_script([*args, "--resume=false"], cwd=tmp_path, backend=backend)
@@ -181,6 +185,45 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     line = r"^clustering: (\d+) XLA programs, 1 train_step, 1 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
     match = re.search(line, again.stdout, flags=re.MULTILINE)
     assert match and match.group(1) == match.group(2)
+
+
+def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning(tmp_path):
+    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
+    output_dir = tmp_path / "out"
+    args = [f"--data={folder}", f"--output_dir={output_dir}", "--encoder=small", "--holdout_images=6",
+            "--prediction_neighbours=5", *TINY]  # fmt: skip
+    trained = run_script(args, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "each image takes the clusters that its 5 most similar training images vote for" in trained.stdout
+    head_alone = re.search(r"^  the clustering model alone: accuracy ([\d.]+)%", trained.stdout, flags=re.MULTILINE)
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["splits"]["eval"]["head_acc"] == pytest.approx(float(head_alone.group(1)) / 100, abs=1e-4)
+    with open(output_dir / "clusters.csv", newline="") as file:
+        learned = list(csv.DictReader(file))
+    # The training images' rows are the vote (tested against a brute-force one in test_representation.py) of the
+    # cached head probabilities over the mined embeddings, not the head's own probabilities.
+    (head_probabilities,) = [np.load(path) for path in (output_dir / "cache").glob("predictions-*.npy")]
+    (embeddings,) = [np.load(path) for path in (output_dir / "cache").glob("embeddings-*.npy")]
+    votes = scan.weighted_knn_votes(embeddings, embeddings, head_probabilities, 5)
+    assert not np.allclose(votes, head_probabilities, atol=1e-3)
+    train_rows = [row for row in learned if row["split"] == "train"]
+    assert len(train_rows) == len(votes) == 24
+    for row, vote in zip(train_rows, votes, strict=True):
+        assert int(row["cluster"]) == int(vote.argmax())
+        assert float(row["confidence"]) == pytest.approx(vote.max(), abs=2e-4)
+
+    # New images are voted for by the same training images: the folder's images land where training put them. The
+    # assigning run embeds them again, in other batches, so their similarities may differ in the 7th digit; among
+    # this tiny encoder's near-equal similarities (all above 0.99) that can swap a neighbour of equal weight and
+    # move a confidence by a few 1e-4, hence the looser tolerance than in the assign test below.
+    assigned = run_script([*args, f"--assign_data={folder}"], cwd=tmp_path)
+    assert assigned.returncode == 0, assigned.stderr[-3000:]
+    with open(output_dir / "assigned.csv", newline="") as file:
+        rows = {row["source"]: row for row in csv.DictReader(file)}
+    assert len(rows) == 30
+    for row in learned:
+        assert rows[row["source"]]["cluster"] == row["cluster"], row["source"]
+        assert float(rows[row["source"]]["confidence"]) == pytest.approx(float(row["confidence"]), abs=2e-3)
 
 
 def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(tmp_path):

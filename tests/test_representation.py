@@ -79,6 +79,21 @@ def test_weighted_knn_accuracy_matches_a_brute_force_vote(k, temperature):
     assert 0.3 < actual < 1.0  # the clusters overlap: neither chance nor certain
 
 
+@pytest.mark.parametrize("k", [1, 4, 60])
+def test_weighted_knn_votes_average_the_references_probabilities_as_a_brute_force_vote_does(k):
+    # The PREDICTION_NEIGHBOURS vote: each query's k most similar references vote with their cluster probabilities.
+    rng = np.random.default_rng(k)
+    normalise = lambda rows: rows / np.linalg.norm(rows, axis=1, keepdims=True)  # noqa: E731
+    references, queries = normalise(rng.normal(size=(50, 6))), normalise(rng.normal(size=(1100, 6)))
+    probabilities = rng.dirichlet(np.ones(3), size=50)
+    actual = scan.weighted_knn_votes(queries, references, probabilities, k, temperature=0.2)
+    for query, vote in zip(queries, actual, strict=True):
+        similarities = [float(query @ reference) for reference in references]
+        nearest = sorted(range(50), key=lambda index: -similarities[index])[:k]
+        expected = sum(np.exp(similarities[index] / 0.2) * probabilities[index] for index in nearest)
+        np.testing.assert_allclose(vote, expected / expected.sum(), rtol=1e-5)
+
+
 def test_weighted_knn_vote_weighs_near_neighbours_more_on_a_hand_made_case():
     # The query's nearest reference (similarity 1) says class 1; two far ones (similarity 0) say class 0.
     references = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
