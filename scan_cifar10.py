@@ -30,7 +30,7 @@ Measured (docs/speed.md and docs/cpu-recipe.md have the full reports):
   majority-label accuracy (the tutorial's log: 25.3 % after about 20 minutes), measured while Keras decayed the
   weights by 1e-7 a step, not the tutorial's 1e-4 (README, "Weight decay"; unmeasured since);
 - `--recipe=cpu --data=path/to/cifar10-train-jpeg` on a 2-core CPU, TensorFlow 2.21 (docs/cpu-recipe.md):
-  18.4 minutes in all (16.2 in a run with fewer of the shared machine's slow epochs), 49.78 % Hungarian accuracy
+  16.5 minutes in all (18.4 in a run that shared the cores at first), 49.78 % Hungarian accuracy
   (NMI 0.353, ARI 0.268) on 10,000 held-out images, each voted by its 50 most similar training images (the
   clustering model alone: 48.63 %), neighbour purity 52.1 %, weighted kNN accuracy 63.6 % (nine seeds of the
   clustering stage on that encoder: 41.5-49.8 %, 45.3 % on average; three SimCLR seeds, nine draws each: 44.3 %);
@@ -193,7 +193,7 @@ RECIPES = {
     # Meaningful clusters on a 2-core CPU within 20 minutes, evaluated on 10,000 held-out images: nearly all the
     # time goes to SimCLR on 24x24 views, at batch 128 (twice the steps of 256 for the same arithmetic: it learned
     # more); clustering and self-labeling train the head on cached features; each image's clusters are then voted
-    # by its 50 most similar training images (1.0 points more on held-out images than the head's own, on average).
+    # by its 50 most similar training images (1.1 points more on held-out images than the head's own, on average).
     "cpu": {
         "holdout_images": 10000, "encoder": "small", "augmentation": "simclr", "view_size": 24,
         "projection_head": "mlp", "contrastive_loss": "ntxent", "representation_dim": 256, "batch_size": 128,
@@ -3212,8 +3212,8 @@ Not in the tutorial or in SCAN: with `PREDICTION_NEIGHBOURS = N` an image's clus
 its N most similar training images (their clustering model's probabilities, weighted by exp(cosine similarity /
 0.1), among the embeddings the neighbours were mined in), the weighted kNN classifier of the kNN monitor with the
 clusters as labels. A vote overrules the linear head where an image's neighbourhood disagrees with it. On the
-`cpu` recipe's encoders it raised the held-out accuracy in every one of 32 draws, by 1.0 points on average
-(docs/cpu-recipe.md). New images (ASSIGN_DATA) are voted for by the same training images.
+`cpu` recipe's three SimCLR encoders it raised the held-out accuracy in each of 27 draws of the clustering stage,
+by 1.1 points on average (docs/cpu-recipe.md). New images (ASSIGN_DATA) are voted for by the same training images.
 """
 
 
