@@ -145,6 +145,7 @@ CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_
 SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)
 TUNE_ENCODER_DURING_CLUSTERING = False  # False freezes the encoder while the clustering head learns
 CLUSTER_ON_FEATURES = False  # True (frozen encoder): clustering and self-labeling train the head on cached features
+FEATURE_VIEWS = 0  # with CLUSTER_ON_FEATURES: strongly augmented views per image, their features drawn too (0 = none)
 HEAD_FEATURES = "encoder"  # what the clustering head sits on: the "encoder" (tutorial, SCAN) or SimCLR's "projection"
 ENTROPY_LOSS_WEIGHT = 5.0  # weight of the entropy term; the "tutorial" loss stores it but never uses it
 CLUSTERING_EPOCHS = 50  # clustering training epochs
@@ -203,7 +204,7 @@ RECIPES = {
         "tune_encoder_during_clustering": False, "cluster_on_features": True, "clustering_epochs": 20,
         "head_features": "projection", "clustering_learning_rate": 0.001, "strong_augmentation": "scan",
         "keep_best_clustering_epoch": True, "self_label_epochs": 10, "self_label_threshold": 0.99,
-        "self_label_learning_rate": 0.0001, "prediction_neighbours": 50,
+        "self_label_learning_rate": 0.0001, "prediction_neighbours": 50, "feature_views": 1,
     },
     # SCAN cut to 10 minutes on one GPU, as measured on an H200 (docs/gpu-recipe.md): 200 SimCLR epochs after a
     # 10-epoch warm-up; the clustering head then learns on the frozen encoder's cached features, and self-labeling
@@ -249,6 +250,7 @@ STAGE_SETTINGS = {
     ],
     "embeddings": ["embed_raw_pixels", "mining_features"],
     "neighbours": ["k_neighbours"],
+    "feature_views": ["cluster_on_features", "head_features", "feature_views", "strong_augmentation", "augmentation"],
     "clustering": [
         "seed", "num_clusters", "num_heads", "clustering_loss", "sample_one_neighbour",
         "tune_encoder_during_clustering", "cluster_on_features", "head_features", "entropy_loss_weight",
@@ -264,7 +266,7 @@ STAGE_SETTINGS = {
 # Upper bounds of the settings whose larger values would exhaust memory rather than do more work.
 SETTING_LIMITS = {
     "input_size": 1024, "target_size": 1024, "view_size": 1024, "num_augmentations": 64, "num_heads": 1000,
-    "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prediction_neighbours": 1000, "prototypes_per_cluster": 100, "sheet_images": 10000,
+    "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prediction_neighbours": 1000, "feature_views": 64, "prototypes_per_cluster": 100, "sheet_images": 10000,
     "batch_size": 65536, "embedding_batch_size": 10000,
 }  # fmt: skip
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -383,7 +385,7 @@ def validate_settings(settings, choices):
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
     for name in [
         "max_images", "holdout_images", "self_label_epochs", "sheet_images", "learning_rate_decay_steps", "view_size", "warmup_epochs",
-        "representation_dim", "prediction_neighbours",
+        "representation_dim", "prediction_neighbours", "feature_views",
     ]:  # fmt: skip
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
@@ -2630,7 +2632,9 @@ class KeepBestEpoch(keras.callbacks.Callback):
 
 Two decisions shape the stage, each made in one place. What the head learns on (`choose_head_inputs`): the images,
 through the encoder and the augmentation, as in the tutorial; or, with CLUSTER_ON_FEATURES, the frozen encoder's
-features of the un-augmented images, computed once, so each step trains the head alone. Either way the head sits on
+features of the un-augmented images, computed once, so each step trains the head alone. SCAN augments every anchor and
+neighbour strongly; on a frozen encoder, FEATURE_VIEWS computes (and caches) the features of that many strongly
+augmented views of each image, and each anchor and neighbour of a step is drawn among the image's own and its views'. Either way the head sits on
 the encoder, or with HEAD_FEATURES = "projection" on SimCLR's projection head after it (`head_backbone`): the space
 where the neighbours were mined, whose features the neighbours stage has already computed. How many heads
 (`create_clustering_models`): the tutorial's one, or NUM_HEADS side by side, of which the best is kept. Self-labeling
@@ -2642,9 +2646,10 @@ class HeadInputs(NamedTuple):
     """What the clustering head learns on, in clustering and in self-labeling."""
 
     on_features: bool  # True: the head alone learns, on the frozen encoder's cached features
-    inputs: np.ndarray  # [num_images, ...]: the training images, or their cached features
-    rows: DeviceRows | None  # `inputs` held on the device, or None: copied batch by batch
-    augmentation: layers.Layer | None  # the images' augmentation; None for features, which no augmentation varies
+    inputs: np.ndarray  # [num_images, ...]: the training images, or their cached features, as the model predicts them
+    training_rows: np.ndarray  # what training draws: `inputs`, or with FEATURE_VIEWS [num_images, 1 + views, dims]
+    rows: DeviceRows | None  # `training_rows` held on the device, or None: copied batch by batch
+    augmentation: layers.Layer | None  # the images' augmentation, FeatureViews, or None: plain features
 
 
 def head_backbone(representation, head_features):
@@ -2654,24 +2659,96 @@ def head_backbone(representation, head_features):
     return representation.projected_encoder if head_features == "projection" else representation.encoder
 
 
+def strong_augmentation_kind(strong_augmentation, augmentation):
+    """The kind of augmentation STRONG_AUGMENTATION names: AUGMENTATION's ("augmentation") or SCAN's ("scan")."""
+    return augmentation if strong_augmentation == "augmentation" else strong_augmentation
+
+
+class FeatureViews(layers.Layer):
+    """Cached features with their augmented views, rows [batch_size, 1 + views, dims], to [batch_size, dims]: in
+    training each row takes one of its 1 + views, drawn at random (the image's own features among them); otherwise,
+    or with `draw=False`, the image's own, view 0. It stands in for SCAN's strong augmentation of every anchor and
+    neighbour when the head learns on cached features."""
+
+    def __init__(self, draw=True, seed=None, **kwargs):
+        super().__init__(**{"dtype": "float32", **kwargs})
+        self.draw = draw
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, rows, training=False):
+        if not (training and self.draw):
+            return rows[:, 0]
+        # On TensorFlow replicas each draws for the global batch and keeps its own rows, as ImageAugmentation does.
+        num_rows = ops.shape(rows)[0]
+        rows = gather_replicas(rows)
+        num_views = rows.shape[1]
+        views = keras.random.randint((ops.shape(rows)[0],), 0, num_views, seed=self.seed_generator)
+        chosen = ops.sum(rows * ops.one_hot(views, num_views, dtype=rows.dtype)[:, :, None], axis=1)
+        return replica_rows(chosen, num_rows)
+
+
+def augmented_features(embedder, images, augmentation, num_views, batch_size):
+    """[num_images, num_views, dims]: the L2-normalised `embedder` features of `num_views` views of each image, each
+    drawn by `augmentation` (in training mode), batch by batch."""
+    views = []
+    for _ in range(num_views):
+        augmented = np.concatenate(
+            [
+                ops.convert_to_numpy(augmentation(images[start : start + batch_size].astype("float32"), training=True))
+                for start in range(0, len(images), batch_size)
+            ]
+        )
+        views.append(compute_embeddings(embedder, augmented, batch_size))
+    return np.stack(views, axis=1)
+
+
 def choose_head_inputs(run, data, preprocessing, representation, neighbours):
     """The images (the tutorial), or with CLUSTER_ON_FEATURES the frozen encoder's (or projection head's: HEAD_FEATURES)
-    features of the un-augmented images, as the neighbours stage computed them or computed here."""
+    features of the un-augmented images, as the neighbours stage computed them or computed here; with FEATURE_VIEWS,
+    training draws among them and the features of as many strongly augmented views of each image (cached)."""
     settings = run.settings
     if not settings.cluster_on_features:
         augmentation = preprocessing.data_augmentation
         if settings.strong_augmentation != "augmentation":  # SCAN's strong view (STRONG_AUGMENTATION)
             augmentation = create_data_augmentation(settings.strong_augmentation, settings.seed)
-        return HeadInputs(False, data.train.images, preprocessing.image_rows, augmentation)
+        return HeadInputs(False, data.train.images, data.train.images, preprocessing.image_rows, augmentation)
+    backbone = head_backbone(representation, settings.head_features)
     features = neighbours.encoder_features if settings.head_features == "encoder" else neighbours.projection_features
     if features is None:  # The neighbours stage did not compute them.
         features = compute_embeddings(
-            head_backbone(representation, settings.head_features),
-            data.train.images,
-            settings.embedding_batch_size,
-            preprocessing.data_preprocessing,
+            backbone, data.train.images, settings.embedding_batch_size, preprocessing.data_preprocessing
         )
-    return HeadInputs(True, features, hold_on_device(features, settings.data_on_device), None)
+    if not settings.feature_views:
+        return HeadInputs(True, features, features, hold_on_device(features, settings.data_on_device), None)
+
+    def compute_views():
+        started = time.perf_counter()
+        kind = strong_augmentation_kind(settings.strong_augmentation, settings.augmentation)
+        views = augmented_features(
+            keras.Sequential([preprocessing.data_preprocessing, backbone]),
+            data.train.images,
+            create_data_augmentation(kind, settings.seed + 13),
+            settings.feature_views,
+            settings.embedding_batch_size,
+        )
+        print(
+            f"feature views: {settings.feature_views} {kind}-augmented view{'s' if settings.feature_views > 1 else ''} "
+            f"of each of the {len(features)} training images, embedded in {time.perf_counter() - started:.1f} s"
+        )
+        return views
+
+    views = run.cache.array(
+        "feature_views",
+        run.fingerprints["feature_views"],
+        "feature views",
+        compute_views,
+        expected_bytes=features.size * settings.feature_views * 4,  # For the free-space check: float32 features.
+    )
+    training_rows = np.concatenate([features[:, None], views], axis=1)
+    augmentation = FeatureViews(seed=settings.seed)
+    return HeadInputs(
+        True, features, training_rows, hold_on_device(training_rows, settings.data_on_device), augmentation
+    )
 
 
 class ClusteringModels(NamedTuple):
@@ -2735,9 +2812,9 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
     head_inputs = choose_head_inputs(run, data, preprocessing, representation, neighbours)
     models = create_clustering_models(run, preprocessing, representation, head_inputs)
     neighbours_per_anchor = 1 if settings.sample_one_neighbour else settings.k_neighbours
-    inputs, rows = head_inputs.inputs, head_inputs.rows
+    inputs, training_rows, rows = head_inputs.inputs, head_inputs.training_rows, head_inputs.rows
     clustering_learner = create_clustering_learner(
-        models.training_model, head_inputs.augmentation, neighbours_per_anchor, inputs.shape[1:], rows
+        models.training_model, head_inputs.augmentation, neighbours_per_anchor, training_rows.shape[1:], rows
     )
 
     def train_clustering(backup_dir):
@@ -2753,7 +2830,7 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
                 len(inputs),
                 settings.batch_size,
                 settings.seed,
-                rows=None if rows else inputs,
+                rows=None if rows else training_rows,
                 neighbour_indices=neighbours.indices,
                 sample_one_neighbour=settings.sample_one_neighbour,
             ),
@@ -2786,7 +2863,7 @@ An image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on the image i
 shifted view, `SELF_LABEL_WEAK_VIEW`) takes that cluster as its pseudo-label; the model learns it on a strongly
 augmented view (`STRONG_AUGMENTATION`) with cross-entropy on the logits (SCAN's ConfidenceBasedCE), weighted so that
 every cluster counts equally. With CLUSTER_ON_FEATURES the head alone learns, on the cached features, which serve
-as both views. `SELF_LABEL_EMA` ends the stage on a moving average of the weights; `SELF_LABEL_GUARD` keeps the
+as both views (with FEATURE_VIEWS the strong view is drawn among the image's own and its views' features). `SELF_LABEL_EMA` ends the stage on a moving average of the weights; `SELF_LABEL_GUARD` keeps the
 model from before when self-labeling raised the label-free SCAN loss or emptied a cluster that had confident images.
 """
 
@@ -2886,8 +2963,7 @@ def self_label_augmentations(weak_view, strong_augmentation, augmentation, seed)
     """Self-labeling's weak and strong augmentations of images: the weak one None ("none": the image itself, as SCAN)
     or a flip and shift ("flip-shift"); the strong one AUGMENTATION's kind ("augmentation") or SCAN's ("scan")."""
     weak = None if weak_view == "none" else ImageAugmentation("weak", seed=seed + 7)
-    strong_kind = augmentation if strong_augmentation == "augmentation" else strong_augmentation
-    return weak, create_data_augmentation(strong_kind, seed + 11)
+    return weak, create_data_augmentation(strong_augmentation_kind(strong_augmentation, augmentation), seed + 11)
 
 
 def self_labeling_verdict(before, after, neighbour_indices, threshold):
@@ -2935,7 +3011,9 @@ def self_label(run, data, representation, neighbours, clustering):
             f"self-labeling starts from: {split} split accuracy {before['acc']:.2%}, "
             f"NMI {before['nmi']:.4f}, ARI {before['ari']:.4f}"
         )
-    augmentations = (None, None)  # Cached features: no augmentation can vary them.
+    augmentations = (None, None)  # Cached features alone: no augmentation can vary them.
+    if head_inputs.augmentation is not None and head_inputs.on_features:  # FEATURE_VIEWS: the strong view is drawn.
+        augmentations = (FeatureViews(draw=False), FeatureViews(seed=settings.seed + 11))
     if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
         for layer in head_backbone(representation, settings.head_features).layers:
             layer.trainable = True
@@ -2949,8 +3027,7 @@ def self_label(run, data, representation, neighbours, clustering):
         clustering.model,
         lambda backup_dir: run_self_labeling(
             clustering.self_labeling_model,
-            head_inputs.inputs,
-            head_inputs.rows,
+            head_inputs,
             augmentations,
             settings,
             backup_dir,
@@ -2962,13 +3039,12 @@ def self_label(run, data, representation, neighbours, clustering):
     return SelfLabeling(history, before)
 
 
-def run_self_labeling(
-    clustering_model, inputs, device_rows, augmentations, settings, backup_dir, neighbour_indices=None
-):
-    """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough;
-    `device_rows` holds the inputs on the device (or is None); `augmentations` are the weak and the strong one (None:
-    the inputs themselves). With SELF_LABEL_GUARD, the model from before is kept when self_labeling_verdict on all
-    `inputs` and their `neighbour_indices` says so. Returns the history."""
+def run_self_labeling(clustering_model, head_inputs, augmentations, settings, backup_dir, neighbour_indices=None):
+    """Self-labels the clustering model (or its head, on cached features) unless no image is confident enough; it
+    learns on `head_inputs` (HeadInputs); `augmentations` are the weak and the strong one (None: the rows
+    themselves). With SELF_LABEL_GUARD, the model from before is kept when self_labeling_verdict on all the inputs and
+    their `neighbour_indices` says so. Returns the history."""
+    inputs, training_rows, device_rows = head_inputs.inputs, head_inputs.training_rows, head_inputs.rows
     probabilities = predict_in_full_batches(clustering_model, inputs, settings.embedding_batch_size)
     is_confident = np.max(probabilities, axis=-1) > settings.self_label_threshold
     confident = int(np.sum(is_confident))
@@ -2984,10 +3060,10 @@ def run_self_labeling(
     weights_before = clustering_model.get_weights()
     learner = SelfLabelLearner(clustering_model, *augmentations, settings.self_label_threshold, rows=device_rows)
     # Builds the learner, so that a checkpoint can be restored.
-    learner(np.arange(2) if device_rows else inputs[:2].astype("float32"))
+    learner(np.arange(2) if device_rows else training_rows[:2].astype("float32"))
     history = train_self_labeling(
         learner,
-        RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else inputs),
+        RowBatches(len(inputs), settings.batch_size, settings.seed, rows=None if device_rows else training_rows),
         settings.self_label_epochs,
         settings.self_label_learning_rate,
         settings.weight_decay,

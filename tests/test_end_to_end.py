@@ -166,7 +166,9 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert steps["representation_learning"] == {"train_step": 1}
     # The encoder's features (for the kNN monitor and the head) come from one model that predicts both splits.
     assert steps["neighbours"] == {"predict_step": 3}  # the projections to mine, the mining, the encoder's features
-    assert steps["clustering"] == {"train_step": 1, "predict_step": 1}  # the heads, to rank them
+    # The features of the recipe's augmented views (FEATURE_VIEWS), every view by one model; then the heads, to rank them.
+    assert re.search(r"^feature views: 1 scan-augmented view of each of the 24 training images", out, flags=re.M)
+    assert steps["clustering"] == {"train_step": 1, "predict_step": 2}
     # Two models predict once each: the clustering model, for the accuracy before self-labeling, and the head.
     assert steps["self_labeling"] == ({"train_step": 1, "predict_step": 2} if self_labeled else {"predict_step": 2})
     # Both splits then reuse the clustering model's one prediction step. The recipe's vote (PREDICTION_NEIGHBOURS)
@@ -182,7 +184,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert compilations.keys() == metrics["compilations"].keys()
     for stage, compiled in compilations.items():
         assert compiled["programs"] == compiled["from_cache"] == metrics["compilations"][stage]["programs"], stage
-    line = r"^clustering: (\d+) XLA programs, 1 train_step, 1 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
+    line = r"^clustering: (\d+) XLA programs, 1 train_step, 2 predict_step ready in [\d.]+ s: 0 compiled, (\d+) loaded"
     match = re.search(line, again.stdout, flags=re.MULTILINE)
     assert match and match.group(1) == match.group(2)
 

@@ -143,6 +143,7 @@ def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_m
         cluster_on_features=True, head_features="projection", mining_features=mining_features, embed_raw_pixels=False,
         embedding_batch_size=5, data_on_device="false", strong_augmentation="augmentation", num_clusters=3,
         num_heads=2, input_size=16, k_neighbours=2, projection_units=5, seed=0, output_dir=str(tmp_path),
+        feature_views=0,
     )  # fmt: skip
     run = scan.Run(settings, gpus=[], num_devices=1, times=None)
     (tmp_path / "cache").mkdir()
@@ -167,6 +168,58 @@ def test_head_features_put_the_head_on_the_projection_head_the_neighbours_were_m
     np.testing.assert_allclose(
         encoder_features, reference / np.linalg.norm(reference, axis=1, keepdims=True), atol=1e-5
     )
+
+
+def test_feature_views_cache_the_features_of_strongly_augmented_views_of_each_image(tmp_path, capsys):
+    images = np.random.default_rng(8).uniform(0, 255, size=(12, 16, 16, 3)).astype("float32")
+    normalization = scan.create_data_preprocessing(16, images)
+    encoder = scan.create_encoder("small", 8)
+    representation = scan.Representation(encoder, encoder, {})
+    settings = argparse.Namespace(
+        cluster_on_features=True, head_features="encoder", mining_features="encoder", embed_raw_pixels=False,
+        embedding_batch_size=5, data_on_device="false", strong_augmentation="scan", augmentation="simclr",
+        feature_views=3, k_neighbours=2, seed=4, output_dir=str(tmp_path),
+    )  # fmt: skip
+    run = scan.Run(settings, gpus=[], num_devices=1, times=None)
+    (tmp_path / "cache").mkdir()
+    run.cache = scan.StageCache(str(tmp_path / "cache"), resume=True)
+    run.fingerprints = {"embeddings": "e", "neighbours": "n", "feature_views": "v"}
+    data = scan.Data(scan.Dataset(images, None, [], "images"), None, "digest")
+    preprocessing = scan.Preprocessing(normalization, None, None)
+    neighbours = scan.find_neighbours(run, data, preprocessing, representation)
+    head_inputs = scan.choose_head_inputs(run, data, preprocessing, representation, neighbours)
+    assert "feature views: 3 scan-augmented views of each of the 12 training images" in capsys.readouterr().out
+    # The model predicts the images' own features; training draws among them (view 0) and the 3 views.
+    assert head_inputs.inputs is neighbours.feature_vectors and head_inputs.training_rows.shape == (12, 4, 8)
+    np.testing.assert_array_equal(head_inputs.training_rows[:, 0], head_inputs.inputs)
+    assert isinstance(head_inputs.augmentation, scan.FeatureViews)
+    # The reference: SCAN's strong augmentation drawn batch by batch from the same seed (SEED + 13), view after
+    # view, then the encoder's features of the normalised views by hand, L2-normalised in numpy.
+    augmentation = scan.ImageAugmentation("scan", seed=4 + 13)
+    for view in range(1, 4):
+        augmented = np.concatenate(
+            [ops.convert_to_numpy(augmentation(images[start : start + 5], training=True)) for start in (0, 5, 10)]
+        )
+        reference = encoder.predict(normalization(augmented), verbose=0)
+        reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+        np.testing.assert_allclose(head_inputs.training_rows[:, view], reference, atol=1e-5)
+    assert np.abs(head_inputs.training_rows[:, 1] - head_inputs.training_rows[:, 2]).max() > 0.01
+    # A second run reads the views from the cache.
+    run.cache = scan.StageCache(str(tmp_path / "cache"), resume=True)
+    again = scan.choose_head_inputs(run, data, preprocessing, representation, neighbours)
+    assert "feature views: done before, reusing" in capsys.readouterr().out
+    np.testing.assert_array_equal(again.training_rows, head_inputs.training_rows)
+
+
+def test_feature_views_draw_one_view_per_row_in_training_and_the_image_itself_otherwise():
+    rows = np.random.default_rng(9).normal(size=(3000, 3, 4)).astype("float32")
+    drawn = ops.convert_to_numpy(scan.FeatureViews(seed=1)(rows, training=True))
+    # Each row is exactly one of its own three views, and each view is drawn about a third of the time.
+    matches = np.all(drawn[:, None] == rows, axis=-1)
+    assert (matches.sum(axis=1) == 1).all()
+    assert all(900 < count < 1100 for count in matches.sum(axis=0))  # 1000 +- 4.7 standard deviations
+    np.testing.assert_array_equal(scan.FeatureViews(seed=1)(rows, training=False), rows[:, 0])
+    np.testing.assert_array_equal(scan.FeatureViews(draw=False)(rows, training=True), rows[:, 0])
 
 
 def test_affine_resample_equals_keras_affine_transform():

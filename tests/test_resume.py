@@ -197,6 +197,9 @@ def test_fingerprints_change_from_the_changed_stage_on():
     base = scan.stage_fingerprints("data", settings, scan.STAGE_SETTINGS)
     clusters = scan.stage_fingerprints("data", {**settings, "num_clusters": 2}, scan.STAGE_SETTINGS)
     assert [base[stage] == clusters[stage] for stage in STAGES] == [True, True, True, False, False]
+    views = scan.stage_fingerprints("data", {**settings, "feature_views": 2}, scan.STAGE_SETTINGS)
+    assert [base[stage] == views[stage] for stage in STAGES] == [True, True, True, False, False]
+    assert views["feature_views"] != base["feature_views"]
     neighbours = scan.stage_fingerprints("data", {**settings, "k_neighbours": 2}, scan.STAGE_SETTINGS)
     assert [base[stage] == neighbours[stage] for stage in STAGES] == [True, True, False, False, False]
     other_data = scan.stage_fingerprints("other", settings, scan.STAGE_SETTINGS)
@@ -218,16 +221,19 @@ def test_data_fingerprint_covers_pixels_and_labels():
 
 # Each stage's fingerprint for 3 x 40 generated images (20 held out), recorded before the stages became functions
 # (issue 21): a run of the code as it is now must reuse the stage cache of a run before that change. The clustering
-# stage and those after it were recorded again when HEAD_FEATURES joined the clustering stage's settings, and the
-# cpu recipe's every stage when its BATCH_SIZE went from 256 to 128.
+# stage and those after it were recorded again when HEAD_FEATURES joined the clustering stage's settings, the cpu
+# recipe's every stage when its BATCH_SIZE went from 256 to 128, and the stages from clustering on when the
+# feature_views stage came before it (the SimCLR, embeddings and neighbours caches stay valid).
 PINNED_FINGERPRINTS = {
     "tutorial": {
         "representation": "e436a691862c", "embeddings": "dd7cd7b0d4cb", "neighbours": "a4f8c018ab47",
-        "clustering": "0ddfd59a52fd", "self_labeling": "f209c2ee6771", "predictions": "3ce0781febf9",
+        "feature_views": "ecfc80bce18f", "clustering": "12d34cee60f1", "self_labeling": "8662673e4841",
+        "predictions": "6f8359633fab",
     },
     "cpu": {
         "representation": "8476fdd51e40", "embeddings": "89186e7ccc27", "neighbours": "be8f01312bcb",
-        "clustering": "03caf28a5764", "self_labeling": "183a0aaaa64a", "predictions": "053cc6656a23",
+        "feature_views": "af4fea46c249", "clustering": "70d4ce75a65a", "self_labeling": "25b0ef7918c0",
+        "predictions": "eee9e32fa926",
     },
 }  # fmt: skip
 

@@ -65,13 +65,14 @@ def test_run_self_labeling_puts_the_model_from_before_back_after_a_collapse(monk
         self_label_learning_rate=1e-4, weight_decay=0.0, steps_per_execution=1, checkpoint_seconds=0,
         self_label_ema=0.0, self_label_guard=True,
     )  # fmt: skip
-    history = scan.run_self_labeling(head, FEATURES, None, (None, None), settings, str(tmp_path), NEIGHBOURS)
+    features = scan.HeadInputs(True, FEATURES, FEATURES, None, None)
+    history = scan.run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
     assert history == {"loss": [0.1]}
     for restored, original in zip(head.get_weights(), before, strict=True):
         np.testing.assert_array_equal(restored, original)
     assert "self-labeling: undone, the clustering model is kept: it emptied 1 clusters" in capsys.readouterr().out
     settings.self_label_guard = False  # without the guard, the collapse stays
-    scan.run_self_labeling(head, FEATURES, None, (None, None), settings, str(tmp_path), NEIGHBOURS)
+    scan.run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
     np.testing.assert_array_equal(head.layers[0].get_weights()[1], COLLAPSED[1])
 
 

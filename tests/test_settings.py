@@ -112,6 +112,8 @@ def script_settings(argv):
         ("--self_label_epochs=-1", "--self_label_epochs=-1: must be 0 (none or all) or positive"),
         ("--prediction_neighbours=-5", "--prediction_neighbours=-5: must be 0 (none or all) or positive"),
         ("--prediction_neighbours=5000", "--prediction_neighbours=5000: must be at most 1000"),
+        ("--recipe=cpu --feature_views=-1", "--feature_views=-1: must be 0 (none or all) or positive"),
+        ("--recipe=cpu --feature_views=65", "--feature_views=65: must be at most 64"),
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
         ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
         ("--strong_augmentation=simclr", "--strong_augmentation=simclr: choose one of augmentation, scan"),
