@@ -2633,13 +2633,13 @@ class KeepBestEpoch(keras.callbacks.Callback):
 
 Two decisions shape the stage, each made in one place. What the head learns on (`choose_head_inputs`): the images,
 through the encoder and the augmentation, as in the tutorial; or, with CLUSTER_ON_FEATURES, the frozen encoder's
-features of the un-augmented images, computed once, so each step trains the head alone. SCAN augments every anchor and
-neighbour strongly; on a frozen encoder, FEATURE_VIEWS computes (and caches) the features of that many strongly
-augmented views of each image, and each anchor and neighbour of a step is drawn among the image's own and its views'. Either way the head sits on
-the encoder, or with HEAD_FEATURES = "projection" on SimCLR's projection head after it (`head_backbone`): the space
-where the neighbours were mined, whose features the neighbours stage has already computed. How many heads
-(`create_clustering_models`): the tutorial's one, or NUM_HEADS side by side, of which the best is kept. Self-labeling
-learns on the same inputs.
+features of the un-augmented images, computed once, so each step trains the head alone. SCAN augments every anchor
+and neighbour strongly; on a frozen encoder, FEATURE_VIEWS computes (and caches) the features of that many strongly
+augmented views of each image, and each anchor and neighbour of a step is drawn among the image's own and its
+views'. Either way the head sits on the encoder, or with HEAD_FEATURES = "projection" on SimCLR's projection head
+after it (`head_backbone`): the space where the neighbours were mined, whose features the neighbours stage has
+already computed. How many heads (`create_clustering_models`): the tutorial's one, or NUM_HEADS side by side, of
+which the best is kept. Self-labeling learns on the same inputs.
 """
 
 
@@ -2859,13 +2859,14 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
 """
 ## Self-labeling
 
-SCAN's last step (not in the tutorial): the clustering model is fine-tuned on its own confident predictions.
-An image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on the image itself (SCAN; or a flipped and
-shifted view, `SELF_LABEL_WEAK_VIEW`) takes that cluster as its pseudo-label; the model learns it on a strongly
-augmented view (`STRONG_AUGMENTATION`) with cross-entropy on the logits (SCAN's ConfidenceBasedCE), weighted so that
-every cluster counts equally. With CLUSTER_ON_FEATURES the head alone learns, on the cached features, which serve
-as both views (with FEATURE_VIEWS the strong view is drawn among the image's own and its views' features). `SELF_LABEL_EMA` ends the stage on a moving average of the weights; `SELF_LABEL_GUARD` keeps the
-model from before when self-labeling raised the label-free SCAN loss or emptied a cluster that had confident images.
+SCAN's last step (not in the tutorial): the clustering model is fine-tuned on its own confident predictions. An
+image whose cluster probability exceeds `SELF_LABEL_THRESHOLD` on the image itself (SCAN; or a flipped and shifted
+view, `SELF_LABEL_WEAK_VIEW`) takes that cluster as its pseudo-label; the model learns it on a strongly augmented
+view (`STRONG_AUGMENTATION`) with cross-entropy on the logits (SCAN's ConfidenceBasedCE), weighted so that every
+cluster counts equally. With CLUSTER_ON_FEATURES the head alone learns, on the cached features, which serve as both
+views (with FEATURE_VIEWS the strong view is drawn among the image's own and its views' features). `SELF_LABEL_EMA`
+ends the stage on a moving average of the weights; `SELF_LABEL_GUARD` keeps the model from before when self-labeling
+raised the label-free SCAN loss or emptied a cluster that had confident images.
 """
 
 
@@ -3013,7 +3014,7 @@ def self_label(run, data, representation, neighbours, clustering):
             f"NMI {before['nmi']:.4f}, ARI {before['ari']:.4f}"
         )
     augmentations = (None, None)  # Cached features alone: no augmentation can vary them.
-    if head_inputs.augmentation is not None and head_inputs.on_features:  # FEATURE_VIEWS: the strong view is drawn.
+    if isinstance(head_inputs.augmentation, FeatureViews):  # FEATURE_VIEWS: the strong view is drawn among them.
         augmentations = (FeatureViews(draw=False), FeatureViews(seed=settings.seed + 11))
     if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
         for layer in head_backbone(representation, settings.head_features).layers:
