@@ -7,7 +7,7 @@ random images (60,000 by default, the tutorial's CIFAR-10), built and fed exactl
 - SimCLR, tutorial recipe (ResNet50V2, the tutorial's augmentation and loss) and scan recipe (ResNet-18, SimCLR
   augmentation, NT-Xent);
 - clustering, tutorial recipe (frozen ResNet50V2, all 5 neighbours of each anchor);
-- self-labeling, scan recipe (ResNet-18 fine-tuned on a weak and a strong view);
+- self-labeling, scan recipe (ResNet-18 fine-tuned on the image and a strong view);
 - embedding every image (ResNet50V2) and mining its 5 nearest neighbours;
 - last, the tutorial's own formulation of its SimCLR step (four Keras augmentation layers, float32, no XLA: on
   JAX every operation runs on its own), sized down to a few steps.
@@ -32,7 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import scan_cifar10 as scan  # noqa: E402
+import scan_cifar10 as script  # noqa: E402  (chooses the Keras backend, as the script does)
+from scan.augmentations import create_data_augmentation  # noqa: E402
+from scan.backend import CompilationLog, describe_devices, find_gpus, resolve_mixed_precision  # noqa: E402
+from scan.batches import RowBatches, hold_on_device  # noqa: E402
+from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss  # noqa: E402
+from scan.models import create_clustering_head, create_clustering_model, create_encoder  # noqa: E402
+from scan.neighbours import compute_embeddings, mine_neighbours  # noqa: E402
+from scan.self_labeling import SelfLabelLearner  # noqa: E402
+from scan.training import create_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by the device name JAX reports.
 PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
@@ -81,14 +89,14 @@ class Bench:
     def __init__(self, arguments):
         self.arguments = arguments
         self.images = np.random.default_rng(0).integers(0, 256, (arguments.images, 32, 32, 3), dtype=np.uint8)
-        self.gpus = scan.find_gpus()
-        self.precision = scan.resolve_mixed_precision("auto", self.gpus)
+        self.gpus = find_gpus()
+        self.precision = resolve_mixed_precision("auto", self.gpus)
         self.peak = peak_flops(self.gpus) if self.precision != "float32" else None
-        self.log = scan.CompilationLog()
-        self.rows = scan.hold_on_device(self.images, "auto")
+        self.log = CompilationLog()
+        self.rows = hold_on_device(self.images, "auto")
 
     def batches(self, **kwargs):
-        return scan.RowBatches(
+        return RowBatches(
             len(self.images), self.arguments.batch_size, 0, rows=None if self.rows else self.images, **kwargs
         )
 
@@ -118,23 +126,23 @@ def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=F
     float32, no XLA, batches from the host), for 3 steps at most."""
     precision = "float32" if tutorial_formulation else None
     keras.mixed_precision.set_global_policy(precision or bench.precision)
-    encoder = scan.create_encoder(encoder_name, 512)
-    learner = scan.RepresentationLearner(
+    encoder = create_encoder(encoder_name, 512)
+    learner = script.RepresentationLearner(
         encoder,
         128,
         2,
-        scan.create_data_preprocessing(32, bench.images[:1000]),
-        scan.create_data_augmentation(augmentation, seed=0),
+        script.create_data_preprocessing(32, bench.images[:1000]),
+        create_data_augmentation(augmentation, seed=0),
         temperature=0.1,
         projection_head=head,
         contrastive_loss=loss,
         rows=None if tutorial_formulation else bench.rows,
     )
     learner.compile(
-        optimizer=scan.create_optimizer("adamw", 1e-3, 1e-4, 1e-3), jit_compile=not tutorial_formulation and "auto"
+        optimizer=create_optimizer("adamw", 1e-3, 1e-4, 1e-3), jit_compile=not tutorial_formulation and "auto"
     )
     if tutorial_formulation:
-        batches = scan.RowBatches(len(bench.images), bench.arguments.batch_size, 0, rows=bench.images)
+        batches = RowBatches(len(bench.images), bench.arguments.batch_size, 0, rows=bench.images)
         timing = bench.time_fit(learner, batches, min(bench.arguments.steps or 3, 3))
     else:
         timing = bench.time_fit(learner, bench.batches())
@@ -144,15 +152,15 @@ def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=F
 
 def clustering(bench):
     keras.mixed_precision.set_global_policy(bench.precision)
-    encoder = scan.create_encoder("resnet50v2", 512)
+    encoder = create_encoder("resnet50v2", 512)
     encoder.trainable = False
-    model = scan.create_clustering_model(
-        encoder, scan.create_clustering_head(20), 32, scan.create_data_preprocessing(32, bench.images[:1000])
+    model = create_clustering_model(
+        encoder, create_clustering_head(20), 32, script.create_data_preprocessing(32, bench.images[:1000])
     )
-    augmentation = scan.create_data_augmentation("tutorial", seed=0)
-    learner = scan.create_clustering_learner(model, augmentation, 5, (32, 32, 3), bench.rows)
-    losses = [scan.ClustersConsistencyLoss(), scan.ClustersEntropyLoss(5.0)]
-    learner.compile(optimizer=scan.create_optimizer("adamw", 5e-4, 1e-4, 5e-4), loss=losses)
+    augmentation = create_data_augmentation("tutorial", seed=0)
+    learner = script.create_clustering_learner(model, augmentation, 5, (32, 32, 3), bench.rows)
+    losses = [ClustersConsistencyLoss(), ClustersEntropyLoss(5.0)]
+    learner.compile(optimizer=create_optimizer("adamw", 5e-4, 1e-4, 5e-4), loss=losses)
     neighbours = np.random.default_rng(1).integers(0, len(bench.images), size=(len(bench.images), 5))
     # Frozen encoder: one forward pass for each anchor and each of its 5 neighbours.
     return bench.time_fit(learner, bench.batches(neighbour_indices=neighbours)), bench.floor(forward_flops(encoder), 6)
@@ -160,23 +168,22 @@ def clustering(bench):
 
 def self_labeling(bench):
     keras.mixed_precision.set_global_policy(bench.precision)
-    encoder = scan.create_encoder("resnet18", 512)
-    model = scan.create_clustering_model(
-        encoder, scan.create_clustering_head(10), 32, scan.create_data_preprocessing(32, bench.images[:1000])
+    encoder = create_encoder("resnet18", 512)
+    model = create_clustering_model(
+        encoder, create_clustering_head(10), 32, script.create_data_preprocessing(32, bench.images[:1000])
     )
-    weak, strong = scan.ImageAugmentation("weak", seed=7), scan.create_data_augmentation("simclr", seed=11)
-    learner = scan.SelfLabelLearner(model, weak, strong, 0.99, rows=bench.rows)
-    learner.compile(optimizer=scan.create_optimizer("adamw", 1e-4, 1e-4, 1e-4))
-    # A forward pass of the weak view, forward and backward of the strong one.
+    learner = SelfLabelLearner(model, None, create_data_augmentation("simclr", seed=11), 0.99, rows=bench.rows)
+    learner.compile(optimizer=create_optimizer("adamw", 1e-4, 1e-4, 1e-4))
+    # A forward pass of the image itself, forward and backward of the strong view.
     return bench.time_fit(learner, bench.batches()), bench.floor(forward_flops(encoder), 1 + 3)
 
 
 def embedding_and_mining(bench):
     keras.mixed_precision.set_global_policy(bench.precision)
-    encoder = scan.create_encoder("resnet50v2", 512)
+    encoder = create_encoder("resnet50v2", 512)
     mark, started = bench.log.mark(), time.perf_counter()
-    features = scan.compute_embeddings(encoder, bench.images, 500)
-    scan.mine_neighbours(features, 5, 500)
+    features = compute_embeddings(encoder, bench.images, 500)
+    mine_neighbours(features, 5, 500)
     seconds = time.perf_counter() - started
     compiled = bench.log.since(mark)["seconds"] if keras.backend.backend() == "jax" else None
     return (compiled, seconds - (compiled or 0.0), None), bench.floor(forward_flops(encoder), 1)
@@ -202,7 +209,7 @@ def main():
     started = time.perf_counter()
     bench = Bench(arguments)
     print(
-        f"Keras {keras.__version__}, backend {scan.describe_devices(bench.gpus)}, {bench.precision}; "
+        f"Keras {keras.__version__}, backend {describe_devices(bench.gpus)}, {bench.precision}; "
         f"{arguments.images} images, batch {arguments.batch_size}, images held "
         + ("on the device" if bench.rows else "on the host")
         + (f"; peak {bench.peak / 1e12:.0f} TFLOP/s bf16" if bench.peak else "; no peak known, so no floor")

@@ -39,6 +39,12 @@ def write_cifar_batch(path, images_chw, labels):
         pickle.dump({b"data": images_chw.reshape(len(images_chw), -1), b"labels": list(labels)}, file)
 
 
+def with_settings(arguments, *changes):
+    """`arguments` (["--name=value", ...]) with each of `changes` in place of the argument of the same name."""
+    names = {change.split("=", 1)[0]: change for change in changes}
+    return [names.get(argument.split("=", 1)[0], argument) for argument in arguments]
+
+
 def run_script(args, cwd, backend="tensorflow", timeout=600, env=None):
     """Runs scan_cifar10.py as a user would; returns the CompletedProcess."""
     environment = {**os.environ, "KERAS_BACKEND": backend, "https_proxy": "http://127.0.0.1:9", **(env or {})}

@@ -18,51 +18,61 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import scan_cifar10 as scan  # noqa: E402
+import scan_cifar10 as script  # noqa: E402
 from conftest import class_image  # noqa: E402
+from scan.augmentations import ImageAugmentation  # noqa: E402
+from scan.backend import start_data_parallel  # noqa: E402
+from scan.batches import DeviceRows, RowBatches  # noqa: E402
+from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss  # noqa: E402
+from scan.models import create_clustering_head, create_clustering_model, create_encoder  # noqa: E402
+from scan.neighbours import mine_neighbours  # noqa: E402
+from scan.self_labeling import SelfLabelLearner  # noqa: E402
+from scan.settings import UsageError  # noqa: E402
+from scan.training import train  # noqa: E402
 
 BATCH_SIZE, SIZE = 8, 16
 IMAGES = np.stack([class_image(index % 3, index, SIZE) for index in range(BATCH_SIZE)])
 NEIGHBOURS = (np.arange(BATCH_SIZE)[:, None] + np.array([1, 2])) % BATCH_SIZE
-# Plain SGD, so the updated weights show the gradients themselves (Adam's first step is about lr * sign(gradient)).
-scan.create_optimizer = lambda name, learning_rate, *unused, **unused_keywords: keras.optimizers.SGD(learning_rate)
+
+
+def train_one_step(learner, batches, folder, loss=None):
+    """One epoch (here one step) of `train`, the script's training of every stage, with plain SGD at 0.05, so the
+    updated weights show the gradients themselves (Adam's first step is about lr * sign(gradient))."""
+    return train(learner, batches, 1, keras.optimizers.SGD(0.05), folder, "step", "", 0, loss=loss)
 
 
 def clustering_model(num_heads):
-    preprocessing = scan.create_data_preprocessing(SIZE, IMAGES)
-    head = scan.create_clustering_head(3, num_heads=num_heads)
-    return scan.create_clustering_model(scan.create_encoder("small", 16), head, SIZE, preprocessing)
+    preprocessing = script.create_data_preprocessing(SIZE, IMAGES)
+    head = create_clustering_head(3, num_heads=num_heads)
+    return create_clustering_model(create_encoder("small", 16), head, SIZE, preprocessing)
 
 
 def build(stage):
     """The stage's learner, built, and the function that trains it for one step of the whole batch."""
-    augmentation = scan.ImageAugmentation("simclr", seed=1)
+    augmentation = ImageAugmentation("simclr", seed=1)
     if stage.startswith("representation"):
         # "representation_on_device": the images held on the devices (DATA_ON_DEVICE), the batches their indices.
-        rows = scan.DeviceRows(IMAGES) if stage == "representation_on_device" else None
-        learner = scan.RepresentationLearner(
-            scan.create_encoder("small", 16), 8, 2, scan.create_data_preprocessing(SIZE, IMAGES), augmentation,
+        rows = DeviceRows(IMAGES) if stage == "representation_on_device" else None
+        learner = script.RepresentationLearner(
+            create_encoder("small", 16), 8, 2, script.create_data_preprocessing(SIZE, IMAGES), augmentation,
             temperature=0.5, projection_head="mlp", contrastive_loss="ntxent", rows=rows,
         )  # fmt: skip
         learner(np.arange(2) if rows else IMAGES[:2])
-        batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=None if rows else IMAGES)
-        return learner, lambda folder: scan.train_representation_learner(
-            learner, batches, 1, 0.05, 0, 0.0, 0, "sgd", 0.0, 0.0, 1, 0, folder
-        )
+        batches = RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=None if rows else IMAGES)
+        return learner, lambda folder: train_one_step(learner, batches, folder)
     if stage == "clustering":
-        learner = scan.create_clustering_learner(clustering_model(2), augmentation, 1, IMAGES.shape[1:])
-        batches = scan.RowBatches(
+        learner = script.create_clustering_learner(clustering_model(2), augmentation, 1, IMAGES.shape[1:])
+        batches = RowBatches(
             BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES, neighbour_indices=NEIGHBOURS, sample_one_neighbour=True
         )
-        return learner, lambda folder: scan.train_clustering_learner(
-            learner, batches, 1, 0.05, 0.0, 5.0, True, 1, 0, folder
-        )
+        losses = [ClustersConsistencyLoss(from_logits=False), ClustersEntropyLoss(5.0, apply_weight=True)]
+        return learner, lambda folder: train_one_step(learner, batches, folder, losses)
     # SCAN's strong view: each replica draws it for the global batch, whose mean colour fills the cut-out.
-    strong = scan.ImageAugmentation("scan", seed=3)
-    learner = scan.SelfLabelLearner(clustering_model(1), scan.ImageAugmentation("weak", seed=2), strong, 0.34)
+    strong = ImageAugmentation("scan", seed=3)
+    learner = SelfLabelLearner(clustering_model(1), None, strong, 0.34)
     learner(IMAGES[:2])
-    batches = scan.RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
-    return learner, lambda folder: scan.train_self_labeling(learner, batches, 1, 0.05, 0.0, 1, 0, folder)
+    batches = RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
+    return learner, lambda folder: train_one_step(learner, batches, folder)
 
 
 def one_step(stage, scope, initial_weights=None):
@@ -78,10 +88,10 @@ def one_step(stage, scope, initial_weights=None):
 
 
 def data_parallel():
-    return scan.start_data_parallel(keras.backend.backend())[0].scope()
+    return start_data_parallel(keras.backend.backend())[0].scope()
 
 
-report = {"devices": scan.start_data_parallel(keras.backend.backend())[1]}
+report = {"devices": start_data_parallel(keras.backend.backend())[1]}
 for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
     before, one, one_history = one_step(stage, contextlib.nullcontext())
     _, two, two_history = one_step(stage, data_parallel(), initial_weights=before)
@@ -94,15 +104,15 @@ for stage in ["representation", "representation_on_device", "clustering", "self_
 features = np.random.default_rng(0).normal(size=(40, 8)).astype("float32")
 features /= np.linalg.norm(features, axis=1, keepdims=True)
 with data_parallel():
-    on_two = scan.mine_neighbours(features, 5, 10)
-report["mining"] = {"one": scan.mine_neighbours(features, 5, 10).tolist(), "two": on_two.tolist()}
+    on_two = mine_neighbours(features, 5, 10)
+report["mining"] = {"one": mine_neighbours(features, 5, 10).tolist(), "two": on_two.tolist()}
 
 try:
-    scan.main([*sys.argv[1:], "--distribution=data_parallel", "--batch_size=7"])
-except scan.UsageError as error:
+    script.main([*sys.argv[1:], "--distribution=data_parallel", "--representation_batch_size=7"])
+except UsageError as error:
     report["odd_batch"] = str(error)
 output = io.StringIO()
 with contextlib.redirect_stdout(output):
-    scan.main([*sys.argv[1:], "--distribution=data_parallel"])
+    script.main([*sys.argv[1:], "--distribution=data_parallel"])
 report["run"] = output.getvalue().splitlines()
 print(json.dumps(report))

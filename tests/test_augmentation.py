@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 from keras import layers, ops
 
-import scan_cifar10 as scan
 from conftest import make_image_folder, run_script
+from scan.augmentations import (
+    ImageAugmentation,
+    affine_resample,
+    rescale_transforms,
+    sample_tutorial_parameters,
+    tutorial_transforms,
+)
 
 HEIGHT, WIDTH = 20, 24
 
@@ -25,8 +31,8 @@ def fused(images, **parameters):
         name: ops.convert_to_tensor(np.full(len(images), value, dtype=bool if name == "flip" else "float32"))
         for name, value in values.items()
     }
-    transforms = scan.tutorial_transforms(tensors, HEIGHT, WIDTH)
-    return ops.convert_to_numpy(scan.affine_resample(ops.convert_to_tensor(images), transforms))
+    transforms = tutorial_transforms(tensors, HEIGHT, WIDTH)
+    return ops.convert_to_numpy(affine_resample(ops.convert_to_tensor(images), transforms))
 
 
 @pytest.mark.parametrize(
@@ -70,7 +76,7 @@ def test_the_composed_transform_matches_the_layers_in_turn_to_interpolation_tole
 def test_random_parameters_cover_the_tutorial_ranges():
     from keras import random
 
-    parameters = scan.sample_tutorial_parameters(20000, random.SeedGenerator(0))
+    parameters = sample_tutorial_parameters(20000, random.SeedGenerator(0))
     values = {name: ops.convert_to_numpy(value).astype("float64") for name, value in parameters.items()}
     for name, (low, high) in {
         "translate_x": (-0.2, 0.2),
@@ -91,8 +97,8 @@ def test_random_parameters_cover_the_tutorial_ranges():
 def test_a_halved_output_grid_of_the_identity_map_is_2x2_average_pooling():
     images = smooth_images()
     identity = ops.convert_to_tensor(np.tile([[1.0, 0, 0, 0, 1.0, 0]], (len(images), 1)).astype("float32"))
-    rescaled = scan.rescale_transforms(identity, 2.0, 2.0)
-    ours = scan.affine_resample(ops.convert_to_tensor(images), rescaled, (HEIGHT // 2, WIDTH // 2))
+    rescaled = rescale_transforms(identity, 2.0, 2.0)
+    ours = affine_resample(ops.convert_to_tensor(images), rescaled, (HEIGHT // 2, WIDTH // 2))
     # Each output pixel centre lies midway between four input pixel centres.
     pooled = images.reshape(len(images), HEIGHT // 2, 2, WIDTH // 2, 2, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(ops.convert_to_numpy(ours), pooled, atol=1e-3)
@@ -101,7 +107,7 @@ def test_a_halved_output_grid_of_the_identity_map_is_2x2_average_pooling():
 @pytest.mark.parametrize("kind", ["tutorial", "simclr", "weak"])
 def test_augmentation_writes_views_of_the_requested_side(kind):
     images = smooth_images()
-    augmentation = scan.ImageAugmentation(kind, seed=3, output_size=12)
+    augmentation = ImageAugmentation(kind, seed=3, output_size=12)
     views = ops.convert_to_numpy(augmentation(images, training=True))
     assert views.shape == (len(images), 12, 12, 3)
     assert views.min() >= -1e-3 and views.max() <= 255 + 1e-3
@@ -109,7 +115,7 @@ def test_augmentation_writes_views_of_the_requested_side(kind):
 
 def test_tutorial_augmentation_layer_is_random_and_keeps_shape():
     images = smooth_images()
-    augmentation = scan.ImageAugmentation("tutorial", seed=1)
+    augmentation = ImageAugmentation("tutorial", seed=1)
     first, second = (ops.convert_to_numpy(augmentation(images, training=True)) for _ in range(2))
     assert first.shape == images.shape and not np.allclose(first, second)
     assert images.min() - 1e-3 <= first.min() and first.max() <= images.max() + 1e-3  # bilinear, nearest fill
@@ -118,7 +124,7 @@ def test_tutorial_augmentation_layer_is_random_and_keeps_shape():
 def test_the_tutorial_keras_layers_keep_the_step_out_of_jit_on_jax(tmp_path):
     # The fused default is shown jitted on JAX in test_end_to_end; the tutorial's layers are not.
     folder = make_image_folder(tmp_path / "images", num_classes=2, per_class=6)
-    args = [f"--data={folder}", "--encoder=small", "--batch_size=4", "--representation_epochs=1", "--clustering_epochs=1",
+    args = [f"--data={folder}", "--encoder=small", "--representation_batch_size=4", "--clustering_batch_size=4", "--self_label_batch_size=4", "--representation_epochs=1", "--clustering_epochs=1",
             "--num_clusters=2", "--k_neighbours=2", "--embedding_batch_size=8", "--augmentation=tutorial-layers",
             f"--output_dir={tmp_path / 'out'}"]  # fmt: skip
     result = run_script(args, cwd=tmp_path, backend="jax")

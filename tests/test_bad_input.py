@@ -87,7 +87,11 @@ CASES = {
         {},
         "--clustering_epochs=0: must be at least 1",
     ),
-    "zero batch size": (lambda tmp: good_folder(tmp, "--batch_size=0"), {}, "--batch_size=0: must be at least 1"),
+    "zero batch size": (
+        lambda tmp: good_folder(tmp, "--clustering_batch_size=0"),
+        {},
+        "--clustering_batch_size=0: must be at least 1",
+    ),
     "unknown override": (
         lambda tmp: good_folder(tmp, "--num_cluster=3"),
         {},
@@ -116,10 +120,11 @@ CASES = {
         {},
         "--view_size=4: the small encoder needs images of at least 8x8",
     ),
-    "cached features of a tuned encoder": (
-        lambda tmp: good_folder(tmp, "--cluster_on_features=true", "--tune_encoder_during_clustering=true"),
+    "feature views of a tuned encoder": (
+        lambda tmp: good_folder(tmp, "--encoder_during_clustering=tuned", "--feature_views=2"),
         {},
-        "set --tune_encoder_during_clustering=false",
+        "--feature_views=2 does nothing with --encoder_during_clustering=tuned (only with cached); set "
+        "--feature_views=0 or --encoder_during_clustering=cached",
     ),
 }
 

@@ -5,11 +5,12 @@ import keras
 import numpy as np
 import pytest
 
-import scan_cifar10 as scan
+from scan.backend import CompilationLog, resolve_data_on_device
+from scan.batches import DeviceRows, RowBatches, predict_in_full_batches
 
 
 def test_every_batch_is_full_and_an_epoch_leaves_out_only_the_remainder():
-    batches = scan.RowBatches(num_rows=23, batch_size=5, seed=0)
+    batches = RowBatches(num_rows=23, batch_size=5, seed=0)
     assert len(batches) == 4  # 23 // 5: the 3 rows left over wait for a later epoch
     seen_per_epoch = []
     for _ in range(3):
@@ -24,14 +25,14 @@ def test_every_batch_is_full_and_an_epoch_leaves_out_only_the_remainder():
 
 
 def test_fewer_rows_than_a_batch_make_one_batch_of_all_of_them():
-    batches = scan.RowBatches(num_rows=6, batch_size=512, seed=1)
+    batches = RowBatches(num_rows=6, batch_size=512, seed=1)
     assert len(batches) == 1 and sorted(batches[0].tolist()) == list(range(6))
 
 
 def test_batches_fed_from_the_host_are_the_rows_of_the_indices():
     rows = np.arange(10 * 3).reshape(10, 3)
-    on_host = scan.RowBatches(10, 4, seed=2, rows=rows)
-    indices = scan.RowBatches(10, 4, seed=2)  # the same seed shuffles the same way
+    on_host = RowBatches(10, 4, seed=2, rows=rows)
+    indices = RowBatches(10, 4, seed=2)  # the same seed shuffles the same way
     for index in range(len(indices)):
         np.testing.assert_array_equal(on_host[index], rows[indices[index]])
 
@@ -39,9 +40,7 @@ def test_batches_fed_from_the_host_are_the_rows_of_the_indices():
 @pytest.mark.parametrize("sample_one_neighbour", [False, True])
 def test_clustering_batches_give_each_anchor_its_own_neighbours(sample_one_neighbour):
     neighbour_indices = np.random.default_rng(3).integers(0, 12, size=(12, 4))
-    batches = scan.RowBatches(
-        12, 5, seed=4, neighbour_indices=neighbour_indices, sample_one_neighbour=sample_one_neighbour
-    )
+    batches = RowBatches(12, 5, seed=4, neighbour_indices=neighbour_indices, sample_one_neighbour=sample_one_neighbour)
     inputs, targets = batches[1]
     anchors, neighbours = inputs["anchors"], inputs["neighbours"]
     assert anchors.shape == (5,) and neighbours.shape == (5, 1 if sample_one_neighbour else 4)
@@ -56,19 +55,19 @@ def test_clustering_batches_give_each_anchor_its_own_neighbours(sample_one_neigh
 def test_a_batch_read_twice_is_the_same_batch_and_each_epoch_draws_anew():
     # Keras reads the first batch once more to learn its shapes; the draws must not depend on how often it reads.
     neighbour_indices = np.random.default_rng(5).integers(0, 40, size=(40, 6))
-    batches = scan.RowBatches(40, 8, seed=6, neighbour_indices=neighbour_indices, sample_one_neighbour=True)
+    batches = RowBatches(40, 8, seed=6, neighbour_indices=neighbour_indices, sample_one_neighbour=True)
     first, again = batches[0][0], batches[0][0]
     np.testing.assert_array_equal(first["neighbours"], again["neighbours"])
     epoch_0 = [batches[index][0]["neighbours"] for index in range(len(batches))]
     batches.on_epoch_end()
     epoch_1 = [batches[index][0]["neighbours"] for index in range(len(batches))]
-    assert not np.array_equal(batches.order, scan.RowBatches(40, 8, seed=6).order)  # a new order each epoch
+    assert not np.array_equal(batches.order, RowBatches(40, 8, seed=6).order)  # a new order each epoch
     assert not all(np.array_equal(a, b) for a, b in zip(epoch_0, epoch_1, strict=True))
 
 
 def test_device_rows_gather_like_numpy_and_stay_out_of_checkpoints(tmp_path):
     rows = np.random.default_rng(5).integers(0, 256, size=(50, 4, 4, 3), dtype=np.uint8)
-    device_rows = scan.DeviceRows(rows)
+    device_rows = DeviceRows(rows)
     indices = np.array([[3, 0], [49, 3], [7, 7]])
     gathered = keras.ops.convert_to_numpy(device_rows(indices))
     assert gathered.dtype == np.uint8
@@ -90,7 +89,7 @@ def test_device_rows_gather_like_numpy_and_stay_out_of_checkpoints(tmp_path):
 def test_padded_prediction_equals_plain_prediction(num_images, batch_size):
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
     inputs = np.random.default_rng(num_images).normal(size=(num_images, 6)).astype("float32")
-    predicted = scan.predict_in_full_batches(model, inputs, batch_size)
+    predicted = predict_in_full_batches(model, inputs, batch_size)
     assert predicted.shape == (num_images, 3)
     np.testing.assert_allclose(predicted, keras.ops.convert_to_numpy(model(inputs)), atol=1e-6)
 
@@ -108,11 +107,11 @@ def test_padded_prediction_equals_plain_prediction(num_images, batch_size):
     ],
 )
 def test_data_on_device_setting(setting, num_bytes, backend, memory_bytes, expected):
-    assert scan.resolve_data_on_device(setting, num_bytes, backend, memory_bytes) is expected
+    assert resolve_data_on_device(setting, num_bytes, backend, memory_bytes) is expected
 
 
 def test_compilation_log_counts_each_step_and_the_loads_from_the_cache():
-    log = scan.CompilationLog()
+    log = CompilationLog()
     log.on_duration("/jax/core/compile/backend_compile_duration", 2.0, fun_name="jit(add)")
     mark = log.mark()
     for name, seconds in [("jit(train_step)", 40.0), ("jit(multiply)", 0.25), ("jit(predict_step)", 5.0)]:

@@ -11,10 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-import scan_cifar10 as scan
 from conftest import REPO, SCRIPT, make_image_folder, run_script
+from scan.backend import join_machines, resolve_distribution
+from scan.batches import RowBatches
+from scan.settings import UsageError, check_divisible
 
-TINY = ["--recipe=cpu", "--holdout_images=6", "--batch_size=8", "--representation_epochs=1", "--clustering_epochs=1",
+TINY = ["--recipe=cpu", "--holdout_images=6", "--representation_batch_size=8", "--clustering_batch_size=8", "--representation_epochs=1", "--clustering_epochs=1",
         "--self_label_epochs=0", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
 
 
@@ -42,17 +44,22 @@ def test_two_devices_train_as_one_and_mine_the_same_neighbours(tmp_path, backend
         assert report[stage]["weight_change"] > 1e-3, stage
         assert report[stage]["weight_difference"] < 1e-5, stage
     assert report["mining"]["one"] == report["mining"]["two"]
-    assert report["odd_batch"] == "--batch_size=7: data-parallel over 2 devices needs a multiple of 2; use 6 or 8"
+    assert report["odd_batch"] == (
+        "--representation_batch_size=7: data-parallel over 2 devices needs a multiple of 2; use 6 or 8"
+    )
     run = report["run"]
-    assert "data-parallel over 2 devices (global batch 8, 4 per device)" in run
+    assert (
+        "data-parallel over 2 devices (global batches: SimCLR 8, clustering 8, self-labeling 512 images, split evenly "
+        "over the devices)"
+    ) in run
     assert re.fullmatch(r"RESULT split=eval images=6 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", run[-1])
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["devices"] == 2
 
 
 def test_auto_is_data_parallel_with_several_gpus_only():
-    assert [scan.resolve_distribution("auto", gpus) for gpus in (0, 1, 2, 8)] == [False, False, True, True]
-    assert scan.resolve_distribution("data_parallel", 0) and not scan.resolve_distribution("none", 8)
+    assert [resolve_distribution("auto", gpus) for gpus in (0, 1, 2, 8)] == [False, False, True, True]
+    assert resolve_distribution("data_parallel", 0) and not resolve_distribution("none", 8)
 
 
 @pytest.mark.parametrize(
@@ -60,21 +67,19 @@ def test_auto_is_data_parallel_with_several_gpus_only():
 )
 def test_a_batch_that_does_not_split_names_the_nearest_that_do(value, devices, nearest):
     if nearest is None:
-        scan.check_divisible("batch_size", value, devices)  # 64 splits over 8
+        check_divisible("clustering_batch_size", value, devices)  # 64 splits over 8
         return
-    message = f"--batch_size={value}: data-parallel over {devices} devices needs a multiple of {devices}; use {nearest}"
-    with pytest.raises(scan.UsageError, match=f"^{re.escape(message)}$"):
-        scan.check_divisible("batch_size", value, devices)
+    message = f"--clustering_batch_size={value}: data-parallel over {devices} devices needs a multiple of {devices}; use {nearest}"
+    with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+        check_divisible("clustering_batch_size", value, devices)
 
 
 def test_tensorflow_multi_worker_is_refused_and_one_machine_joins_nothing():
-    assert scan.join_machines({"CUDA_VISIBLE_DEVICES": "0,1"}, "jax") == (0, 1)  # one machine: nothing to join
-    with pytest.raises(scan.UsageError, match="^TF_CONFIG is set, but Keras 3 cannot train under TensorFlow's Multi"):
-        scan.join_machines({"TF_CONFIG": '{"cluster": {}}'}, "tensorflow")
-    with pytest.raises(
-        scan.UsageError, match="^KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but .* on JAX only; set KERAS"
-    ):
-        scan.join_machines({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}, "tensorflow")
+    assert join_machines({"CUDA_VISIBLE_DEVICES": "0,1"}, "jax") == (0, 1)  # one machine: nothing to join
+    with pytest.raises(UsageError, match="^TF_CONFIG is set, but Keras 3 cannot train under TensorFlow's Multi"):
+        join_machines({"TF_CONFIG": '{"cluster": {}}'}, "tensorflow")
+    with pytest.raises(UsageError, match="^KERAS_DISTRIBUTION_JOB_ADDRESSES is set, but .* on JAX only; set KERAS"):
+        join_machines({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}, "tensorflow")
     # Without both numbers, or with a process number that is not below the count, nothing tries to join.
     for count, index in [(None, None), ("2", None), ("2", "2"), ("two", "0"), ("2", "-1")]:
         environment = {"KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234"}
@@ -83,16 +88,16 @@ def test_tensorflow_multi_worker_is_refused_and_one_machine_joins_nothing():
         message = (
             f"KERAS_DISTRIBUTION_NUM_PROCESSES={count or ''!r} and KERAS_DISTRIBUTION_PROCESS_ID={index or ''!r}: "
         )
-        with pytest.raises(scan.UsageError, match=f"^{re.escape(message)}with KERAS_DISTRIBUTION_JOB_ADDRESSES set"):
-            scan.join_machines(environment, "jax")
+        with pytest.raises(UsageError, match=f"^{re.escape(message)}with KERAS_DISTRIBUTION_JOB_ADDRESSES set"):
+            join_machines(environment, "jax")
 
 
 def test_each_process_feeds_its_own_part_of_every_global_batch():
     rows = np.arange(40).reshape(20, 2)
     neighbour_indices = (np.arange(20)[:, None] + np.arange(1, 4)) % 20
-    whole = scan.RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(0, 1))
+    whole = RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(0, 1))
     parts = [
-        scan.RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(index, 2))
+        RowBatches(20, 8, seed=3, rows=rows, neighbour_indices=neighbour_indices, process=(index, 2))
         for index in (0, 1)
     ]
     for batch in range(len(whole)):
@@ -144,7 +149,7 @@ def test_two_processes_train_as_one_process_on_two_devices_and_resume(tmp_path):
     expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
     outputs = run_two_processes([*args, f"--output_dir={tmp_path / 'two'}"], cwd=tmp_path)
     for index, output in enumerate(outputs):
-        assert "data-parallel over 2 devices in 2 processes (global batch 8, 4 per device)" in output
+        assert "data-parallel over 2 devices in 2 processes (global batches: SimCLR 8, clustering 8" in output
         # Each process gets every prediction, so each reports the whole run, the same as one process on two devices.
         assert output.strip().splitlines()[-1] == one.stdout.strip().splitlines()[-1]
         assert f"figures and metrics.json are in {tmp_path / 'two' / f'process-{index}'}" in output
@@ -165,14 +170,3 @@ def test_two_processes_train_as_one_process_on_two_devices_and_resume(tmp_path):
             "self-labeling: done before" in output
             and output.strip().splitlines()[-1] == outputs[index].strip().splitlines()[-1]
         )
-
-
-def test_tensorflow_data_parallel_takes_one_step_per_call(tmp_path):
-    result = run_script(
-        ["--distribution=data_parallel", "--steps_per_execution=2", f"--output_dir={tmp_path / 'out'}"], cwd=tmp_path
-    )
-    assert result.returncode == 2 and not (tmp_path / "out").exists()
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: --steps_per_execution=2: TensorFlow's MirroredStrategy runs one step per call; set 1, or use "
-        "KERAS_BACKEND=jax"
-    )

@@ -15,10 +15,14 @@ import keras
 import numpy as np
 import pytest
 
-import scan_cifar10 as scan
-from conftest import SCRIPT, make_image_folder, run_script
+import scan.cache
+import scan.files
+from conftest import SCRIPT, make_image_folder, run_script, with_settings
+from scan.cache import StageCache, cache_report
+from scan.files import DiskFullError, save_array, save_weights, weights_bytes, write_atomically
+from scan.training import create_optimizer
 
-TINY = ["--encoder=small", "--batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
+TINY = ["--encoder=small", "--representation_batch_size=8", "--clustering_batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
         "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=10"]  # fmt: skip
 DISK_FULL = re.compile(
     r"^error: no space left on device writing (\S+) \((\d+\.\d\d) MB needed, (\d+\.\d\d) MB free\); free space or "
@@ -39,26 +43,26 @@ def writer_that_fills_the_disk(after_bytes, error_number=errno.ENOSPC):
 @pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT])
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path, error_number):
     target = tmp_path / "embeddings.npy"
-    scan.save_array(np.arange(10.0), str(target))
-    with pytest.raises(scan.DiskFullError) as raised:
-        scan.write_atomically(str(target), writer_that_fills_the_disk(3_000_000, error_number))
+    save_array(np.arange(10.0), str(target))
+    with pytest.raises(DiskFullError) as raised:
+        write_atomically(str(target), writer_that_fills_the_disk(3_000_000, error_number))
     match = DISK_FULL.match(f"error: {raised.value}")
     assert match and match.group(1) == str(target)
     assert match.group(2) == "3.00"  # what the temporary file had reached
-    assert float(match.group(3)) == pytest.approx(scan.shutil.disk_usage(tmp_path).free / 1e6, abs=50)
+    assert float(match.group(3)) == pytest.approx(scan.files.shutil.disk_usage(tmp_path).free / 1e6, abs=50)
     assert os.listdir(tmp_path) == ["embeddings.npy"]  # the temporary file is gone
     np.testing.assert_array_equal(np.load(target), np.arange(10.0))
 
 
 def test_other_write_errors_stay_what_they_are(tmp_path):
     with pytest.raises(OSError) as raised:
-        scan.write_atomically(str(tmp_path / "a.json"), writer_that_fills_the_disk(10, errno.EACCES))
-    assert not isinstance(raised.value, scan.DiskFullError) and os.listdir(tmp_path) == []
+        write_atomically(str(tmp_path / "a.json"), writer_that_fills_the_disk(10, errno.EACCES))
+    assert not isinstance(raised.value, DiskFullError) and os.listdir(tmp_path) == []
 
 
 def tiny_model():
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(300), keras.layers.Dense(40)])
-    model.compile(optimizer=scan.create_optimizer("adamw", 0.001, 0.0, 0.001), loss="mse")
+    model.compile(optimizer=create_optimizer("adamw", 0.001, 0.0, 0.001), loss="mse")
     model.optimizer.build(model.trainable_variables)
     return model
 
@@ -66,36 +70,39 @@ def tiny_model():
 def test_weights_are_refused_before_hdf5_writes_anything_when_space_is_short(tmp_path, monkeypatch):
     model = tiny_model()
     checkpoint = tmp_path / "epoch-0001.weights.h5"
-    scan.save_weights(model, str(checkpoint))
+    save_weights(model, str(checkpoint))
     # The estimate covers the real file (weights and both AdamW slots) and overshoots it by less than 100 kB.
-    assert checkpoint.stat().st_size <= scan.weights_bytes(model) <= checkpoint.stat().st_size + 100_000
+    assert checkpoint.stat().st_size <= weights_bytes(model) <= checkpoint.stat().st_size + 100_000
     saved = checkpoint.read_bytes()
-    monkeypatch.setattr(scan.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
+    monkeypatch.setattr(scan.files.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 5000, 5000))
     writes = []
     monkeypatch.setattr(model, "save_weights", writes.append)
-    with pytest.raises(scan.DiskFullError) as raised:
-        scan.save_weights(model, str(checkpoint))
+    with pytest.raises(DiskFullError) as raised:
+        save_weights(model, str(checkpoint))
     match = DISK_FULL.match(f"error: {raised.value}")
-    assert match and match.groups() == (str(checkpoint), f"{scan.weights_bytes(model) / 1e6:.2f}", "0.01")
+    assert match and match.groups() == (str(checkpoint), f"{weights_bytes(model) / 1e6:.2f}", "0.01")
     assert writes == [] and checkpoint.read_bytes() == saved and os.listdir(tmp_path) == [checkpoint.name]
 
 
 def test_a_stage_warns_before_it_starts_when_its_files_will_not_fit(tmp_path, monkeypatch, capsys):
     model = tiny_model()
-    cache = scan.StageCache(str(tmp_path / "cache"), resume=True)
+    cache = StageCache(str(tmp_path / "cache"), resume=True)
     os.makedirs(cache.folder)
-    monkeypatch.setattr(scan.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100_000, 100_000))
-    monkeypatch.setattr(scan, "save_weights", lambda model, path: None)
-    monkeypatch.setattr(scan, "save_json", lambda data, path: None)
+    monkeypatch.setattr(scan.files.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 100_000, 100_000))
+    written = []  # what the cache would have saved: the patches are where StageCache looks them up
+    monkeypatch.setattr(scan.cache, "save_weights", lambda model, path: written.append(os.path.basename(path)))
+    monkeypatch.setattr(scan.cache, "save_json", lambda data, path: written.append(os.path.basename(path)))
     cache.trained_model("clustering", "abc", "clustering", model, lambda backup_dir: {})
+    assert written == ["clustering-abc.weights.h5", "clustering-abc.json"]
     needed = model.count_params() * 4 * 3 * 2  # two checkpoints of the weights and two AdamW slots, while rotating
     assert capsys.readouterr().out.splitlines() == [
         f"warning: clustering will write about {needed / 1e6:.2f} MB to {cache.folder}, but only 0.10 MB are free; "
         "free space or set --output_dir to another disk"
     ]
-    monkeypatch.setattr(scan, "save_array", lambda array, path: None)
+    monkeypatch.setattr(scan.cache, "save_array", lambda array, path: written.append(os.path.basename(path)))
     cache.array("neighbours", "def", "neighbour mining", lambda: np.zeros(3), expected_bytes=99_999)
     cache.array("predictions", "0ab", "cluster assignment", lambda: np.zeros(3), expected_bytes=100_001)
+    assert written[2:] == ["neighbours-def.npy", "predictions-0ab.npy"]
     assert capsys.readouterr().out.splitlines() == [
         f"warning: cluster assignment will write about 0.10 MB to {cache.folder}, but only 0.10 MB are free; "
         "free space or set --output_dir to another disk"
@@ -144,7 +151,7 @@ def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_pat
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     # No checkpoint is due for an hour, so only the SIGTERM save can explain where the rerun resumes.
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=200", *TINY[3:],
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=200"),
             "--checkpoint_seconds=3600"]  # fmt: skip
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
@@ -197,11 +204,11 @@ def test_the_cache_report_counts_results_and_prunes_only_what_other_settings_mad
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(b"x" * size * 100)
     fingerprints = {"representation": "aaa", "embeddings": "bbb", "clustering": "ccc"}
-    assert scan.cache_report(str(folder), fingerprints, prune=False) == (
+    assert cache_report(str(folder), fingerprints, prune=False) == (
         f"stage cache: 4 results, 0.26 MB in {folder} (--prune_cache=true keeps only this run's)"
     )
     assert sorted(os.listdir(folder)) == sorted({name.split("/")[0] for name in files})  # nothing deleted
-    assert scan.cache_report(str(folder), fingerprints, prune=True) == (
+    assert cache_report(str(folder), fingerprints, prune=True) == (
         f"stage cache: 2 results, 0.15 MB in {folder} (pruned 2 results these settings do not use)"
     )
     assert sorted(os.listdir(folder)) == ["compiled", "embeddings-bbb.npy", "representation-aaa.json",

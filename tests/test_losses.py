@@ -4,7 +4,25 @@ import numpy as np
 import pytest
 from keras import ops
 
-import scan_cifar10 as scan
+import scan_cifar10 as script
+from scan.losses import (
+    ClustersConsistencyLoss,
+    ClustersEntropyLoss,
+    nt_xent_loss,
+    scan_head_losses,
+    self_label_loss,
+    self_label_targets,
+    tutorial_contrastive_loss,
+)
+from scan.models import (
+    clustering_logits_model,
+    copy_head,
+    create_clustering_head,
+    create_clustering_model,
+    create_encoder,
+)
+from scan.self_labeling import SelfLabelLearner
+from scan.training import create_optimizer, learning_rate_schedule
 
 
 def log_softmax(logits):
@@ -27,7 +45,7 @@ def tutorial_contrastive_reference(features, batch_size, temperature, l2_normali
 def test_tutorial_contrastive_loss_matches_numpy(batch_size, num_views, l2_normalize):
     features = np.random.default_rng(batch_size).normal(size=(batch_size * num_views, 6)).astype("float32")
     expected = tutorial_contrastive_reference(features.astype("float64"), batch_size, 0.5, l2_normalize)
-    actual = scan.tutorial_contrastive_loss(ops.convert_to_tensor(features), batch_size, 0.5, l2_normalize)
+    actual = tutorial_contrastive_loss(ops.convert_to_tensor(features), batch_size, 0.5, l2_normalize)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-4)
 
 
@@ -36,14 +54,14 @@ def test_tutorial_contrastive_max_shift_really_lacks_keepdims():
     features = np.random.default_rng(1).normal(size=(8, 5))
     logits = features @ features.T
     proper = np.mean(-(np.tile(np.eye(4), (2, 2)) * log_softmax(logits)).sum(axis=1))
-    actual = scan.tutorial_contrastive_loss(ops.convert_to_tensor(features.astype("float32")), 4, 1.0, False)
+    actual = tutorial_contrastive_loss(ops.convert_to_tensor(features.astype("float32")), 4, 1.0, False)
     assert abs(float(ops.convert_to_numpy(actual)) - proper) > 1e-3
 
 
 def test_consistency_loss_is_binary_cross_entropy_of_probabilities_as_logits():
     similarity = np.random.default_rng(2).uniform(0, 1, size=(6, 5)).astype("float32")
     expected = np.mean(np.log1p(np.exp(-similarity.astype("float64"))))  # -log(sigmoid(s)) with target 1
-    actual = scan.ClustersConsistencyLoss()(np.ones(6), similarity)
+    actual = ClustersConsistencyLoss()(np.ones(6), similarity)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
 
 
@@ -52,13 +70,13 @@ def test_entropy_loss_is_log_k_minus_entropy_and_ignores_its_weight(weight):
     probabilities = np.random.default_rng(3).dirichlet(np.ones(4) * 0.3, size=9).astype("float32")
     mean = np.clip(probabilities.astype("float64").mean(axis=0), 1e-8, 1.0)
     expected = np.log(4) + np.sum(mean * np.log(mean))
-    actual = scan.ClustersEntropyLoss(entropy_loss_weight=weight)(np.ones(9), probabilities)
+    actual = ClustersEntropyLoss(entropy_loss_weight=weight)(np.ones(9), probabilities)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_entropy_loss_is_zero_for_uniform_clusters():
     probabilities = np.full((3, 5), 0.2, dtype="float32")
-    actual = scan.ClustersEntropyLoss()(np.ones(3), probabilities)
+    actual = ClustersEntropyLoss()(np.ones(3), probabilities)
     assert abs(float(ops.convert_to_numpy(actual))) < 1e-6
 
 
@@ -76,7 +94,7 @@ def nt_xent_reference(features, batch_size, temperature):
 
 def test_nt_xent_matches_a_row_by_row_numpy_reference():
     features = np.random.default_rng(4).normal(size=(10, 7))
-    actual = scan.nt_xent_loss(ops.convert_to_tensor(features.astype("float32")), 5, 0.2)
+    actual = nt_xent_loss(ops.convert_to_tensor(features.astype("float32")), 5, 0.2)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), nt_xent_reference(features, 5, 0.2), rtol=1e-4)
 
 
@@ -85,14 +103,14 @@ def test_nt_xent_on_a_case_with_a_known_answer():
     # positive at similarity 1/t and 2b-2 negatives at 0, so the loss is log(1 + (2b-2) exp(-1/t)).
     batch_size, temperature = 4, 0.5
     views = np.eye(batch_size, 6, dtype="float32")
-    actual = scan.nt_xent_loss(ops.convert_to_tensor(np.concatenate([views, views])), batch_size, temperature)
+    actual = nt_xent_loss(ops.convert_to_tensor(np.concatenate([views, views])), batch_size, temperature)
     expected = np.log(1 + (2 * batch_size - 2) * np.exp(-1 / temperature))
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
 
 
 def test_scan_consistency_loss_is_minus_log_of_the_dot_product():
     similarity = np.random.default_rng(5).uniform(0.01, 1, size=(8, 1)).astype("float32")
-    actual = scan.ClustersConsistencyLoss(from_logits=False)(np.ones(8), similarity)
+    actual = ClustersConsistencyLoss(from_logits=False)(np.ones(8), similarity)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), np.mean(-np.log(similarity.astype("float64"))), rtol=1e-5)
 
 
@@ -100,13 +118,13 @@ def test_scan_entropy_loss_applies_its_weight():
     probabilities = np.random.default_rng(6).dirichlet(np.ones(5), size=7).astype("float32")
     mean = probabilities.astype("float64").mean(axis=0)
     expected = 5.0 * (np.log(5) + np.sum(mean * np.log(mean)))
-    actual = scan.ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)(np.ones(7), probabilities)
+    actual = ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)(np.ones(7), probabilities)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5)
 
 
 def test_entropy_loss_of_several_heads_is_the_mean_of_each_heads_loss():
     probabilities = np.random.default_rng(8).dirichlet(np.ones(4), size=(6, 3)).astype("float32")  # [6, 3 heads, 4]
-    loss = scan.ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)
+    loss = ClustersEntropyLoss(entropy_loss_weight=5.0, apply_weight=True)
     each_head = [float(ops.convert_to_numpy(loss(np.ones(6), probabilities[:, head]))) for head in range(3)]
     np.testing.assert_allclose(ops.convert_to_numpy(loss(np.ones(6), probabilities)), np.mean(each_head), rtol=1e-5)
 
@@ -116,8 +134,8 @@ def test_clustering_learner_gives_each_head_its_own_anchor_neighbour_similaritie
     features = rng.normal(size=(10, 6)).astype("float32")
     neighbour_indices = rng.integers(0, 10, size=(10, 3))
     for num_heads in (1, 4):
-        heads = scan.create_clustering_head(5, features, num_heads)
-        learner = scan.create_clustering_learner(heads, None, 3, (6,))
+        heads = create_clustering_head(5, features, num_heads)
+        learner = script.create_clustering_learner(heads, None, 3, (6,))
         similarity, anchors = learner({"anchors": features, "neighbours": features[neighbour_indices]})
         probabilities = ops.convert_to_numpy(heads(features)).reshape(10, num_heads, 5)
         expected = np.array(
@@ -145,7 +163,7 @@ def test_scan_head_losses_match_loops_and_rank_a_consistent_head_first():
     probabilities = rng.dirichlet(np.ones(4), size=(12, 3)).astype("float64")  # [12 images, 3 heads, 4 clusters]
     neighbour_indices = rng.integers(0, 12, size=(12, 5))
     expected = [scan_loss_reference(probabilities[:, head], neighbour_indices) for head in range(3)]
-    np.testing.assert_allclose(scan.scan_head_losses(probabilities, neighbour_indices), expected, rtol=1e-6)
+    np.testing.assert_allclose(scan_head_losses(probabilities, neighbour_indices), expected, rtol=1e-6)
     # Two groups of images whose neighbours are in their own group: a head that gives each group its own
     # cluster beats one that puts everything in one cluster and one that assigns at random.
     groups = np.repeat([0, 1], 6)
@@ -153,17 +171,17 @@ def test_scan_head_losses_match_loops_and_rank_a_consistent_head_first():
     consistent = np.eye(2)[groups] * 0.98 + 0.01
     collapsed = np.tile([0.99, 0.01], (12, 1))
     random = rng.dirichlet(np.ones(2), size=12)
-    losses = scan.scan_head_losses(np.stack([collapsed, random, consistent], axis=1), neighbour_indices)
+    losses = scan_head_losses(np.stack([collapsed, random, consistent], axis=1), neighbour_indices)
     assert int(np.argmin(losses)) == 2
 
 
 def test_copy_head_keeps_exactly_the_chosen_heads_outputs():
     features = np.random.default_rng(11).normal(2.0, 3.0, size=(9, 6)).astype("float32")
-    heads = scan.create_clustering_head(4, features, num_heads=3)
+    heads = create_clustering_head(4, features, num_heads=3)
     heads(features)  # builds the weights, random per head
-    head = scan.create_clustering_head(4, features)
+    head = create_clustering_head(4, features)
     head(features)
-    scan.copy_head(heads, head, 2)
+    copy_head(heads, head, 2)
     np.testing.assert_allclose(
         ops.convert_to_numpy(head(features)), ops.convert_to_numpy(heads(features))[:, 2], atol=1e-6
     )
@@ -171,7 +189,7 @@ def test_copy_head_keeps_exactly_the_chosen_heads_outputs():
 
 def test_self_label_threshold_selects_exactly_the_confident_images_with_class_balance():
     weak = np.array([[0.95, 0.04, 0.01], [0.5, 0.3, 0.2], [0.02, 0.97, 0.01], [0.91, 0.05, 0.04], [0.1, 0.1, 0.8]])
-    labels, weights = scan.self_label_targets(ops.convert_to_tensor(weak.astype("float32")), 0.9)
+    labels, weights = self_label_targets(ops.convert_to_tensor(weak.astype("float32")), 0.9)
     assert ops.convert_to_numpy(labels).tolist() == [0, 0, 1, 0, 2]
     # Confident: rows 0, 2, 3 (3 images); label 0 has 2 of them, label 1 has 1: weights 3/2, 0, 3/1, 3/2, 0.
     np.testing.assert_allclose(ops.convert_to_numpy(weights), [1.5, 0, 3, 1.5, 0])
@@ -198,7 +216,7 @@ def test_self_label_loss_on_logits_matches_scans_confidence_based_cross_entropy(
     rng = np.random.default_rng(12)
     weak = rng.normal(0, 4, size=(40, 5)).astype("float32")
     strong = rng.normal(0, 4, size=(40, 5)).astype("float32")
-    actual = scan.self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), threshold)
+    actual = self_label_loss(ops.convert_to_tensor(weak), ops.convert_to_tensor(strong), threshold)
     expected = self_label_loss_reference(weak.astype("float64"), strong.astype("float64"), threshold)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), expected, rtol=1e-5, atol=1e-7)
 
@@ -210,7 +228,7 @@ def test_self_label_loss_keeps_its_gradient_when_the_pseudo_label_is_improbable(
     weak = tf.constant([[20.0, 0.0]])
     strong = tf.Variable([[0.0, 40.0]])
     with tf.GradientTape() as tape:
-        loss = scan.self_label_loss(weak, strong, 0.99)
+        loss = self_label_loss(weak, strong, 0.99)
     np.testing.assert_allclose(float(loss), 40.0, rtol=1e-5)
     # d/dz of -log_softmax(z)[0] is softmax(z) - one_hot(0): about (-1, 1).
     np.testing.assert_allclose(tape.gradient(loss, strong).numpy(), [[-1.0, 1.0]], atol=1e-6)
@@ -218,14 +236,14 @@ def test_self_label_loss_keeps_its_gradient_when_the_pseudo_label_is_improbable(
 
 def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the_head():
     features = np.random.default_rng(7).normal(size=(30, 6)).astype("float32")
-    head = scan.create_clustering_head(3, features)
-    learner = scan.SelfLabelLearner(head, None, None, threshold=0.34)  # every argmax of 3 clusters passes 1/3
+    head = create_clustering_head(3, features)
+    learner = SelfLabelLearner(head, None, None, threshold=0.34)  # every argmax of 3 clusters passes 1/3
     weak, strong = (ops.convert_to_numpy(view) for view in learner(features))
     np.testing.assert_array_equal(weak, strong)
     # The learner sees the head's logits: their softmax is the head's output.
     np.testing.assert_allclose(np.exp(log_softmax(weak)), ops.convert_to_numpy(head(features)), atol=1e-6)
     expected = self_label_loss_reference(weak, strong, 0.34)
-    learner.compile(optimizer=scan.create_optimizer("adamw", 0.05, 0.0, 0.05))
+    learner.compile(optimizer=create_optimizer("adamw", 0.05, 0.0, 0.05))
     losses = learner.fit(features, batch_size=30, epochs=5, shuffle=False, verbose=0).history["loss"]
     assert losses[0] == pytest.approx(expected, rel=1e-4)
     assert losses[-1] < losses[0]  # the head becomes more confident in its own pseudo-labels
@@ -233,37 +251,11 @@ def test_self_labeling_on_cached_features_uses_them_as_both_views_and_trains_the
 
 def test_the_clustering_models_logits_are_the_log_of_its_probabilities_up_to_a_constant():
     images = np.random.default_rng(8).uniform(0, 255, size=(6, 16, 16, 3)).astype("float32")
-    model = scan.create_clustering_model(
-        scan.create_encoder("small", 8), scan.create_clustering_head(4), 16, scan.create_data_preprocessing(16, images)
+    model = create_clustering_model(
+        create_encoder("small", 8), create_clustering_head(4), 16, script.create_data_preprocessing(16, images)
     )
-    logits = scan.clustering_logits_model(model).predict(images, verbose=0)
+    logits = clustering_logits_model(model).predict(images, verbose=0)
     np.testing.assert_allclose(np.exp(log_softmax(logits)), model.predict(images, verbose=0), atol=1e-6)
-
-
-def test_self_label_ema_ends_on_the_moving_average_of_the_unaveraged_weights(tmp_path):
-    import keras
-
-    features = np.random.default_rng(9).normal(size=(20, 6)).astype("float32")
-
-    def learner():
-        keras.utils.set_random_seed(0)
-        head = scan.create_clustering_head(3, features)
-        learner = scan.SelfLabelLearner(head, None, None, threshold=0.34)
-        learner(features[:2])
-        return learner, head.layers[-2]  # the Dense layer
-
-    # Without the average: the kernel after each of the epoch's 2 steps.
-    plain, dense = learner()
-    plain.compile(optimizer=scan.create_optimizer("adamw", 0.05, 0.0, 0.05))
-    kernels = []
-    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: kernels.append(dense.get_weights()[0]))
-    plain.fit(scan.RowBatches(20, 10, seed=0, rows=features), epochs=1, shuffle=False, verbose=0, callbacks=[record])
-    averaged, dense = learner()
-    batches = scan.RowBatches(20, 10, seed=0, rows=features)
-    scan.train_self_labeling(averaged, batches, 1, 0.05, 0.0, 1, 0, str(tmp_path), ema_momentum=0.9)
-    # Keras's average starts at the weights after the first step (momentum 0 there), then takes in each step's.
-    np.testing.assert_allclose(dense.get_weights()[0], 0.9 * kernels[0] + 0.1 * kernels[1], atol=1e-6)
-    assert not np.allclose(kernels[0], kernels[1])
 
 
 def reference_learning_rate(step, learning_rate, total_steps, decay_steps, alpha, warmup_steps):
@@ -277,7 +269,7 @@ def reference_learning_rate(step, learning_rate, total_steps, decay_steps, alpha
 
 @pytest.mark.parametrize("decay_steps, alpha, warmup_steps", [(0, 0.0, 0), (0, 0.0, 10), (30, 0.1, 0), (30, 0.1, 5)])
 def test_learning_rate_schedule_rises_then_follows_the_cosine(decay_steps, alpha, warmup_steps):
-    schedule = scan.learning_rate_schedule(0.002, 100, decay_steps, alpha, warmup_steps)
+    schedule = learning_rate_schedule(0.002, 100, decay_steps, alpha, warmup_steps)
     for step in [0, 1, 4, 5, 9, 10, 11, 34, 50, 99, 100, 150]:
         expected = reference_learning_rate(step, 0.002, 100, decay_steps, alpha, warmup_steps)
         assert float(ops.convert_to_numpy(schedule(step))) == pytest.approx(expected, rel=1e-5, abs=1e-9), step

@@ -1,16 +1,18 @@
-"""README against the script: its settings table is the constants block, and each command it shows parses."""
+"""README and docs against the script: the settings table is the constants block, and each command shown parses."""
 
 import os
 import re
 
 import pytest
 
-import scan_cifar10 as scan
+import scan_cifar10 as script
 from conftest import REPO, SCRIPT
+from scan.data import CIFAR10_SPLITS
+from scan.settings import parse_settings, read_settings_block, validate_settings
 
 README = open(os.path.join(REPO, "README.md")).read()
-COMMENTS = scan.read_settings_block(open(SCRIPT).read())
-DEFAULTS = {name: getattr(scan, name) for name in COMMENTS}
+COMMENTS = read_settings_block(open(SCRIPT).read())
+DEFAULTS = {name: getattr(script, name) for name in COMMENTS}
 
 
 def table_cell(value):
@@ -18,7 +20,8 @@ def table_cell(value):
 
 
 def test_the_settings_table_is_the_constants_block():
-    section = README.split("\n## Settings\n", 1)[1]
+    settings_page = open(os.path.join(REPO, "docs", "settings.md")).read()
+    section = settings_page.split("\n## Settings\n", 1)[1]
     table = section[section.index("\n| `") + 1 :].split("\n\n", 1)[0].splitlines()
     rows = [re.fullmatch(r"\| `([A-Z_0-9]+)` \| `(.*?)` \| (.*) \|", line).groups() for line in table]
     assert rows == [(name, table_cell(default), COMMENTS[name]) for name, default in DEFAULTS.items()]
@@ -38,8 +41,14 @@ COMMANDS = sorted(
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_in_readme_names_real_settings_and_valid_values(command):
     arguments = command.split("scan_cifar10.py")[1].split()
-    settings = scan.parse_settings(arguments, DEFAULTS, COMMENTS, scan.RECIPES, tuple(scan.CIFAR10_SPLITS))
-    scan.validate_settings(settings, scan.CHOICES)
+    settings = parse_settings(arguments, DEFAULTS, COMMENTS, script.RECIPES, tuple(CIFAR10_SPLITS))
+    validate_settings(settings, DEFAULTS)
+
+
+def test_readme_is_a_front_page():
+    assert len(README.encode()) <= 24_000  # the rest lives in docs/, linked from it
+    for link in re.findall(r"\]\(((?:docs/)?[\w./-]+\.(?:md|jpg|png))\)", README):
+        assert os.path.exists(os.path.join(REPO, link)), link
 
 
 def test_readme_shows_the_commands_ci_runs():
@@ -52,13 +61,13 @@ def test_readme_shows_the_commands_ci_runs():
 def test_the_recipes_table_is_the_recipes():
     recipes_page = open(os.path.join(REPO, "docs", "recipes.md")).read()
     header, _, *lines = recipes_page[recipes_page.index("| setting |") :].split("\n\n", 1)[0].splitlines()
-    assert header == "| setting | " + " | ".join(scan.RECIPES) + " |"
+    assert header == "| setting | " + " | ".join(script.RECIPES) + " |"
     table = {}
     for line in lines:
         name, *cells = re.fullmatch(r"\| `([A-Z_0-9]+)`((?: \| `.*?`)+) \|", line).group(1, 2)
         table[name] = re.findall(r"\| `(.*?)`", cells[0])
     # Every setting a recipe sets has a row; each row shows what every recipe sets, or the default.
-    assert set(table) == {name.upper() for values in scan.RECIPES.values() for name in values}
+    assert set(table) == {name.upper() for values in script.RECIPES.values() for name in values}
     for name, cells in table.items():
-        expected = [table_cell(values.get(name.lower(), DEFAULTS[name])) for values in scan.RECIPES.values()]
+        expected = [table_cell(values.get(name.lower(), DEFAULTS[name])) for values in script.RECIPES.values()]
         assert cells == expected, name

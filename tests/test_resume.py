@@ -12,10 +12,18 @@ import time
 import numpy as np
 import pytest
 
-import scan_cifar10 as scan
-from conftest import SCRIPT, make_image_folder, run_script
+import scan.training
+import scan_cifar10 as script
+from conftest import SCRIPT, make_image_folder, run_script, with_settings
+from scan.backend import resolve_mixed_precision
+from scan.cache import STAGE_SETTINGS, data_fingerprint, stage_fingerprints
+from scan.data import CIFAR10_SPLITS, Dataset
+from scan.files import write_atomically
+from scan.run import Run
+from scan.settings import parse_settings, read_settings_block
+from scan.training import EpochCheckpoint
 
-TINY = ["--encoder=small", "--batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
+TINY = ["--encoder=small", "--representation_batch_size=8", "--clustering_batch_size=8", "--self_label_batch_size=8", "--representation_epochs=2", "--clustering_epochs=2",
         "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=10"]  # fmt: skip
 STAGES = ["representation", "embeddings", "neighbours", "clustering", "predictions"]
 
@@ -56,7 +64,7 @@ def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_
     sizes = lambda out: re.findall(r"^cluster \d+ : \d+$", out, flags=re.MULTILINE)  # noqa: E731
     assert sizes(again.stdout) == sizes(first.stdout)
 
-    changed = run_script([*data_args, *TINY[:4], "--num_clusters=4", *TINY[5:]], cwd=tmp_path)
+    changed = run_script([*data_args, *with_settings(TINY, "--num_clusters=4")], cwd=tmp_path)
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert "representation learning: done before" in changed.stdout
     assert "neighbour mining: done before" in changed.stdout
@@ -78,7 +86,7 @@ def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_
 def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path, backend, data_parallel):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY[:2], "--representation_epochs=200", *TINY[3:],
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=200"),
             "--checkpoint_seconds=3", f"--distribution={'data_parallel' if data_parallel else 'none'}"]  # fmt: skip
     devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"} if data_parallel else {}
     environment = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1", **devices}
@@ -109,7 +117,7 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path,
 
     resumed = run_script(args, cwd=tmp_path, backend=backend, env=devices)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert ("data-parallel over 2 devices (global batch 8, 4 per device)" in resumed.stdout) == data_parallel
+    assert ("data-parallel over 2 devices (global batches: SimCLR 8, clustering 8" in resumed.stdout) == data_parallel
     match = re.search(r"representation learning: resuming after epoch (\d+) of 200", resumed.stdout)
     assert match and saved <= int(match.group(1)) < trained
     assert f"Epoch {int(match.group(1)) + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
@@ -121,11 +129,11 @@ def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path,
 
 def test_checkpoints_are_saved_by_time_not_every_epoch(tmp_path, monkeypatch):
     clock = iter([0.0, 10.0, 30.0, 61.0, 70.0, 125.0])  # the start, then the end of each epoch
-    monkeypatch.setattr(scan.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(scan.training.time, "monotonic", lambda: next(clock))
     history = {}
-    checkpoint = scan.EpochCheckpoint(str(tmp_path / "backup"), history, every_seconds=60)
+    checkpoint = EpochCheckpoint(str(tmp_path / "backup"), history, every_seconds=60)
     saved = []
-    monkeypatch.setattr(scan, "save_weights", lambda model, path: saved.append(os.path.basename(path)))
+    monkeypatch.setattr(scan.training, "save_weights", lambda model, path: saved.append(os.path.basename(path)))
     for epoch in range(5):
         checkpoint.on_epoch_end(epoch, {"loss": float(epoch)})
     assert saved == ["epoch-0003.weights.h5", "epoch-0005.weights.h5"]  # at 61 s and at 125 s (64 s after 61 s)
@@ -188,52 +196,51 @@ def test_write_atomically_leaves_nothing_when_the_writer_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        scan.write_atomically(str(target), failing_writer)
+        write_atomically(str(target), failing_writer)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_fingerprints_change_from_the_changed_stage_on():
-    settings = {name: 1 for names in scan.STAGE_SETTINGS.values() for name in names}
-    base = scan.stage_fingerprints("data", settings, scan.STAGE_SETTINGS)
-    clusters = scan.stage_fingerprints("data", {**settings, "num_clusters": 2}, scan.STAGE_SETTINGS)
+    settings = {name: 1 for names in STAGE_SETTINGS.values() for name in names}
+    base = stage_fingerprints("data", settings, STAGE_SETTINGS)
+    clusters = stage_fingerprints("data", {**settings, "num_clusters": 2}, STAGE_SETTINGS)
     assert [base[stage] == clusters[stage] for stage in STAGES] == [True, True, True, False, False]
-    views = scan.stage_fingerprints("data", {**settings, "feature_views": 2}, scan.STAGE_SETTINGS)
+    views = stage_fingerprints("data", {**settings, "feature_views": 2}, STAGE_SETTINGS)
     assert [base[stage] == views[stage] for stage in STAGES] == [True, True, True, False, False]
     assert views["feature_views"] != base["feature_views"]
-    neighbours = scan.stage_fingerprints("data", {**settings, "k_neighbours": 2}, scan.STAGE_SETTINGS)
+    neighbours = stage_fingerprints("data", {**settings, "k_neighbours": 2}, STAGE_SETTINGS)
     assert [base[stage] == neighbours[stage] for stage in STAGES] == [True, True, False, False, False]
-    other_data = scan.stage_fingerprints("other", settings, scan.STAGE_SETTINGS)
+    other_data = stage_fingerprints("other", settings, STAGE_SETTINGS)
     assert all(base[stage] != other_data[stage] for stage in STAGES)
 
 
 def test_data_fingerprint_covers_pixels_and_labels():
     images = np.zeros((4, 8, 8, 3), np.uint8)
-    base = scan.Dataset(images, np.array([0, 1, 0, 1]), ["a", "b"], "x")
-    assert scan.data_fingerprint(base) == scan.data_fingerprint(base._replace(source="y"))
+    base = Dataset(images, np.array([0, 1, 0, 1]), ["a", "b"], "x")
+    assert data_fingerprint(base) == data_fingerprint(base._replace(source="y"))
     changed_pixel = images.copy()
     changed_pixel[3, 7, 7, 2] = 1
-    assert scan.data_fingerprint(base) != scan.data_fingerprint(base._replace(images=changed_pixel))
-    assert scan.data_fingerprint(base) != scan.data_fingerprint(base._replace(labels=np.array([1, 1, 0, 1])))
-    assert scan.data_fingerprint(base) != scan.data_fingerprint(
-        base._replace(images=images[:3], labels=base.labels[:3])
-    )
+    assert data_fingerprint(base) != data_fingerprint(base._replace(images=changed_pixel))
+    assert data_fingerprint(base) != data_fingerprint(base._replace(labels=np.array([1, 1, 0, 1])))
+    assert data_fingerprint(base) != data_fingerprint(base._replace(images=images[:3], labels=base.labels[:3]))
 
 
-# Each stage's fingerprint for 3 x 40 generated images (20 held out), recorded before the stages became functions
-# (issue 21): a run of the code as it is now must reuse the stage cache of a run before that change. The clustering
-# stage and those after it were recorded again when HEAD_FEATURES joined the clustering stage's settings, the cpu
-# recipe's every stage when its BATCH_SIZE went from 256 to 128, and the stages from clustering on when the
-# feature_views stage came before it (the SimCLR, embeddings and neighbours caches stay valid).
+# Each stage's fingerprint for 3 x 40 generated images (20 held out): a run of the code as it is now must reuse the
+# stage cache of an earlier run. The representation stage's are those recorded before the stages became functions
+# (issue 21; the cpu recipe's since its BATCH_SIZE went from 256 to 128), kept when the script's machinery moved into
+# the package and BATCH_SIZE became REPRESENTATION_BATCH_SIZE. The stages from the embeddings on were recorded again
+# when EMBED_RAW_PIXELS and MINING_FEATURES became one setting, CLUSTER_ON_FEATURES and TUNE_ENCODER_DURING_CLUSTERING
+# became ENCODER_DURING_CLUSTERING and the clustering and self-labeling stages got batch sizes of their own.
 PINNED_FINGERPRINTS = {
     "tutorial": {
-        "representation": "e436a691862c", "embeddings": "dd7cd7b0d4cb", "neighbours": "a4f8c018ab47",
-        "feature_views": "ecfc80bce18f", "clustering": "12d34cee60f1", "self_labeling": "8662673e4841",
-        "predictions": "6f8359633fab",
+        "representation": "e436a691862c", "embeddings": "db26d25acd79", "neighbours": "6b02965c2695",
+        "feature_views": "d59292039fcb", "clustering": "1b03ec07dd30", "self_labeling": "1a40223784ca",
+        "predictions": "9712d0428ba8",
     },
     "cpu": {
-        "representation": "8476fdd51e40", "embeddings": "89186e7ccc27", "neighbours": "be8f01312bcb",
-        "feature_views": "af4fea46c249", "clustering": "70d4ce75a65a", "self_labeling": "25b0ef7918c0",
-        "predictions": "eee9e32fa926",
+        "representation": "8476fdd51e40", "embeddings": "bfabfd21c47d", "neighbours": "8b17471ff782",
+        "feature_views": "b10b5317a59e", "clustering": "b36f147d9ece", "self_labeling": "5cebcb1dc083",
+        "predictions": "49fcb52c47d8",
     },
 }  # fmt: skip
 
@@ -241,23 +248,23 @@ PINNED_FINGERPRINTS = {
 @pytest.mark.parametrize("recipe", ["tutorial", "cpu"])
 def test_stage_fingerprints_are_those_of_earlier_runs(tmp_path, recipe):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=40)
-    with open(scan.__file__) as file:
-        comments = scan.read_settings_block(file.read())
-    defaults = {name: getattr(scan, name) for name in comments}
+    with open(script.__file__) as file:
+        comments = read_settings_block(file.read())
+    defaults = {name: getattr(script, name) for name in comments}
     arguments = [f"--recipe={recipe}", f"--data={folder}", "--encoder=small", "--num_clusters=3", "--k_neighbours=3"]
-    settings = scan.parse_settings(
+    settings = parse_settings(
         [*arguments, "--holdout_images=20", f"--output_dir={tmp_path / 'out'}"],
         defaults,
         comments,
-        scan.RECIPES,
-        tuple(scan.CIFAR10_SPLITS),
+        script.RECIPES,
+        tuple(CIFAR10_SPLITS),
     )
-    settings.mixed_precision = scan.resolve_mixed_precision(settings.mixed_precision, [])
+    settings.mixed_precision = resolve_mixed_precision(settings.mixed_precision, [])
     # The way the script takes: the data stage, then the stage cache.
-    run = scan.Run(settings, gpus=[], num_devices=1, times=None)
-    data = scan.prepare_data(run)
+    run = Run(settings, gpus=[], num_devices=1, times=None)
+    data = script.prepare_data(run)
     assert data.digest == "3b0915b1bca8bad9" and len(data.train.images) == 100 and len(data.eval.images) == 20
-    run.open_cache(data.digest, scan.STAGE_SETTINGS)
+    run.open_cache(data.digest, STAGE_SETTINGS)
     assert run.fingerprints == PINNED_FINGERPRINTS[recipe]
     assert run.cache.path("clustering", run.fingerprints["clustering"], ".npy") == str(
         tmp_path / "out" / "cache" / f"clustering-{PINNED_FINGERPRINTS[recipe]['clustering']}.npy"

@@ -5,7 +5,11 @@ import argparse
 import numpy as np
 from keras import ops
 
-import scan_cifar10 as scan
+import scan.self_labeling
+from scan.clustering import HeadInputs
+from scan.models import create_clustering_head
+from scan.self_labeling import run_self_labeling, self_labeling_verdict
+from scan.training import KeepBestEpoch
 
 # Two groups of 6 images whose 3 neighbours are in their own group; features that tell the groups apart.
 GROUPS = np.repeat([0, 1], 6)
@@ -21,7 +25,7 @@ def scan_loss_reference(probabilities, neighbour_indices):
 
 
 def head_with(kernel, bias):
-    head = scan.create_clustering_head(2)
+    head = create_clustering_head(2)
     head(FEATURES)
     head.layers[0].set_weights([np.array(kernel, "float32"), np.array(bias, "float32")])
     return head
@@ -35,7 +39,7 @@ MIXED = ([[1.0, -1.0], [-1.0, 1.0]], [0.0, 0.0])  # the same partition, unsure
 def test_the_guard_undoes_a_collapse_that_empties_a_confident_cluster():
     before = np.eye(2)[GROUPS] * 0.998 + 0.001  # both clusters hold images more than 99 % confident
     collapsed = np.tile([0.95, 0.05], (12, 1))
-    keep, reason = scan.self_labeling_verdict(before, collapsed, NEIGHBOURS, 0.99)
+    keep, reason = self_labeling_verdict(before, collapsed, NEIGHBOURS, 0.99)
     assert not keep and reason.startswith("it emptied 1 clusters that had confident images (1)")
 
 
@@ -45,9 +49,9 @@ def test_the_guard_undoes_a_raised_scan_loss_and_keeps_a_lowered_one():
     better = np.eye(2)[GROUPS] * 0.98 + 0.01
     expected = [scan_loss_reference(p, NEIGHBOURS) for p in (before, worse, better)]
     assert expected[1] > expected[0] > expected[2]
-    keep, reason = scan.self_labeling_verdict(before, worse, NEIGHBOURS, 0.99)
+    keep, reason = self_labeling_verdict(before, worse, NEIGHBOURS, 0.99)
     assert not keep and reason == f"it raised the SCAN loss from {expected[0]:.4f} to {expected[1]:.4f}"
-    keep, reason = scan.self_labeling_verdict(before, better, NEIGHBOURS, 0.99)
+    keep, reason = self_labeling_verdict(before, better, NEIGHBOURS, 0.99)
     assert keep and f"from {expected[0]:.4f} to {expected[2]:.4f}" in reason
 
 
@@ -59,26 +63,26 @@ def test_run_self_labeling_puts_the_model_from_before_back_after_a_collapse(monk
         head.layers[0].set_weights([np.array(value, "float32") for value in COLLAPSED])
         return {"loss": [0.1]}
 
-    monkeypatch.setattr(scan, "train_self_labeling", collapse)
+    monkeypatch.setattr(scan.self_labeling, "train", collapse)  # where run_self_labeling finds it
     settings = argparse.Namespace(
-        embedding_batch_size=12, self_label_threshold=0.99, batch_size=12, seed=0, self_label_epochs=1,
-        self_label_learning_rate=1e-4, weight_decay=0.0, steps_per_execution=1, checkpoint_seconds=0,
-        self_label_ema=0.0, self_label_guard=True,
+        embedding_batch_size=12, self_label_threshold=0.99, self_label_batch_size=12, seed=0, self_label_epochs=1,
+        self_label_learning_rate=1e-4, clustering_optimizer="adamw", weight_decay=0.0, checkpoint_seconds=0,
+        self_label_guard=True,
     )  # fmt: skip
-    features = scan.HeadInputs(True, FEATURES, FEATURES, None, None)
-    history = scan.run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
+    features = HeadInputs(True, FEATURES, FEATURES, None, None)
+    history = run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
     assert history == {"loss": [0.1]}
     for restored, original in zip(head.get_weights(), before, strict=True):
         np.testing.assert_array_equal(restored, original)
     assert "self-labeling: undone, the clustering model is kept: it emptied 1 clusters" in capsys.readouterr().out
     settings.self_label_guard = False  # without the guard, the collapse stays
-    scan.run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
+    run_self_labeling(head, features, (None, None), settings, str(tmp_path), NEIGHBOURS)
     np.testing.assert_array_equal(head.layers[0].get_weights()[1], COLLAPSED[1])
 
 
 def test_keep_best_epoch_logs_each_epochs_scan_loss_restores_the_lowest_and_survives_a_resume(tmp_path, capsys):
     head = head_with(*MIXED)
-    callback = scan.KeepBestEpoch(head, FEATURES, NEIGHBOURS, 12, str(tmp_path), "clustering")
+    callback = KeepBestEpoch(head, FEATURES, NEIGHBOURS, 12, str(tmp_path), "clustering")
     callback.on_train_begin()
     losses = {}
     for epoch, weights in enumerate([MIXED, CONSISTENT, COLLAPSED]):  # the second epoch is the best
@@ -93,7 +97,7 @@ def test_keep_best_epoch_logs_each_epochs_scan_loss_restores_the_lowest_and_surv
     assert f"clustering: kept epoch 2, whose SCAN loss {losses[1]:.4f} is the lowest" in capsys.readouterr().out
     # A resumed stage (a new callback on the same backup folder) still knows the best epoch.
     head.layers[0].set_weights([np.array(value, "float32") for value in COLLAPSED])
-    resumed = scan.KeepBestEpoch(head, FEATURES, NEIGHBOURS, 12, str(tmp_path), "clustering")
+    resumed = KeepBestEpoch(head, FEATURES, NEIGHBOURS, 12, str(tmp_path), "clustering")
     resumed.on_train_begin()
     resumed.on_train_end()
     np.testing.assert_allclose(head.layers[0].get_weights()[0], CONSISTENT[0])

@@ -3,8 +3,9 @@ UsageError line (exit status 2 in the script), never a traceback."""
 
 import keras
 
-import scan_cifar10 as scan
+import scan_cifar10 as script
 from conftest import make_image_folder
+from scan.settings import UsageError, read_settings_block
 
 TYPED_VALUES = ["-1", "0", "1000000000000", "nan", "inf", "-inf", "", "abc", "2.5", "true"]
 
@@ -19,19 +20,19 @@ def test_every_setting_with_every_typed_value_starts_normally_or_fails_with_one_
     def started(*args, **kwargs):
         raise Started
 
-    monkeypatch.setattr(scan, "create_data_preprocessing", started)
+    monkeypatch.setattr(script, "create_data_preprocessing", started)
     monkeypatch.chdir(tmp_path)
-    names = list(scan.read_settings_block(open(scan.__file__).read()))
+    names = list(read_settings_block(open(script.__file__).read()))
     outcomes = {}
     for name in names:
         for value in TYPED_VALUES:
             base = [f"--data={folder}", f"--output_dir={tmp_path / 'out'}", "--num_clusters=3", "--k_neighbours=2"]
             argv = [*base, f"--{name.lower()}={value}"]
             try:
-                scan.main(argv)
+                script.main(argv)
             except Started:
                 outcomes[name, value] = "start"
-            except scan.UsageError as error:
+            except UsageError as error:
                 message = str(error)
                 assert message and "\n" not in message, (name, value, message)
                 outcomes[name, value] = "error"
@@ -39,7 +40,7 @@ def test_every_setting_with_every_typed_value_starts_normally_or_fails_with_one_
                 keras.mixed_precision.set_global_policy("float32")
     # Each setting refuses a word where it takes a number, and every number setting refuses nan.
     for name in names:
-        default = getattr(scan, name)
+        default = getattr(script, name)
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             assert outcomes[name, "abc"] == outcomes[name, "nan"] == "error", name
     assert outcomes["SEED", "-1"] == outcomes["SEED", "1000000000000"] == "error"

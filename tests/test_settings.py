@@ -2,10 +2,15 @@
 
 import re
 
+import keras
 import pytest
 
-import scan_cifar10 as scan
+import scan.data
+import scan_cifar10 as script
 from conftest import SCRIPT, make_image_folder, run_script
+from scan.data import CIFAR10_SPLITS, holdout_count
+from scan.run import Run
+from scan.settings import UsageError, parse_settings, read_settings_block, validate_against_data, validate_settings
 
 DEFAULTS = {"NUM_CLUSTERS": 20, "TEMPERATURE": 0.1, "L2_NORMALIZE": False, "DATA": "cifar10"}
 COMMENTS = {"NUM_CLUSTERS": "number of clusters", "TEMPERATURE": "softmax temperature"}
@@ -14,7 +19,7 @@ RECIPES = {"tutorial": {}, "small": {"num_clusters": 5, "temperature": 0.2}}
 
 def test_settings_block_lists_every_constant_with_its_comment():
     with open(SCRIPT) as file:
-        comments = scan.read_settings_block(file.read())
+        comments = read_settings_block(file.read())
     # The tutorial's hyperparameters, in upper snake case, each documented.
     for name in [
         "TARGET_SIZE",
@@ -22,12 +27,13 @@ def test_settings_block_lists_every_constant_with_its_comment():
         "PROJECTION_UNITS",
         "NUM_CLUSTERS",
         "K_NEIGHBOURS",
-        "TUNE_ENCODER_DURING_CLUSTERING",
+        "ENCODER_DURING_CLUSTERING",
         "DATA",
         "MAX_IMAGES",
         "REPRESENTATION_EPOCHS",
         "CLUSTERING_EPOCHS",
-        "BATCH_SIZE",
+        "REPRESENTATION_BATCH_SIZE",
+        "CLUSTERING_BATCH_SIZE",
         "OUTPUT_DIR",
         "SEED",
     ]:
@@ -40,19 +46,27 @@ def test_settings_block_lists_every_constant_with_its_comment():
 
 
 def test_tutorial_values_are_the_defaults():
-    assert (scan.TARGET_SIZE, scan.REPRESENTATION_DIM, scan.PROJECTION_UNITS) == (32, 512, 128)
-    assert (scan.NUM_CLUSTERS, scan.K_NEIGHBOURS, scan.TUNE_ENCODER_DURING_CLUSTERING) == (20, 5, False)
-    assert (scan.TEMPERATURE, scan.BATCH_SIZE, scan.REPRESENTATION_EPOCHS, scan.CLUSTERING_EPOCHS) == (0.1, 512, 50, 50)
-    assert (scan.REPRESENTATION_LEARNING_RATE, scan.LEARNING_RATE_DECAY_STEPS, scan.LEARNING_RATE_DECAY_ALPHA) == (
+    assert (script.TARGET_SIZE, script.REPRESENTATION_DIM, script.PROJECTION_UNITS) == (32, 512, 128)
+    assert (script.NUM_CLUSTERS, script.K_NEIGHBOURS, script.ENCODER_DURING_CLUSTERING) == (20, 5, "frozen")
+    assert (script.TEMPERATURE, script.REPRESENTATION_EPOCHS, script.CLUSTERING_EPOCHS) == (0.1, 50, 50)
+    assert (script.REPRESENTATION_BATCH_SIZE, script.CLUSTERING_BATCH_SIZE) == (
+        512,
+        512,
+    )  # the tutorial's one batch_size
+    assert (
+        script.REPRESENTATION_LEARNING_RATE,
+        script.LEARNING_RATE_DECAY_STEPS,
+        script.LEARNING_RATE_DECAY_ALPHA,
+    ) == (
         1e-3,
         500,
         0.1,
     )
-    assert (scan.CLUSTERING_LEARNING_RATE, scan.WEIGHT_DECAY, scan.EMBEDDING_BATCH_SIZE) == (5e-4, 1e-4, 500)
+    assert (script.CLUSTERING_LEARNING_RATE, script.WEIGHT_DECAY, script.EMBEDDING_BATCH_SIZE) == (5e-4, 1e-4, 500)
 
 
 def test_overrides_are_parsed_to_the_constant_type():
-    settings = scan.parse_settings(
+    settings = parse_settings(
         ["--num_clusters=10", "--temperature=0.5", "--l2_normalize=true", "--data=some/folder"],
         DEFAULTS,
         COMMENTS,
@@ -62,9 +76,9 @@ def test_overrides_are_parsed_to_the_constant_type():
     assert settings.temperature == 0.5
     assert settings.l2_normalize is True
     assert settings.data == "some/folder"
-    assert scan.parse_settings([], DEFAULTS, COMMENTS, RECIPES).num_clusters == 20
-    assert scan.parse_settings(["--temperature=1"], DEFAULTS, COMMENTS, RECIPES).temperature == 1.0
-    assert scan.parse_settings(["--l2_normalize=0"], DEFAULTS, COMMENTS, RECIPES).l2_normalize is False
+    assert parse_settings([], DEFAULTS, COMMENTS, RECIPES).num_clusters == 20
+    assert parse_settings(["--temperature=1"], DEFAULTS, COMMENTS, RECIPES).temperature == 1.0
+    assert parse_settings(["--l2_normalize=0"], DEFAULTS, COMMENTS, RECIPES).l2_normalize is False
 
 
 @pytest.mark.parametrize(
@@ -79,16 +93,17 @@ def test_overrides_are_parsed_to_the_constant_type():
     ],
 )
 def test_bad_overrides_raise_a_usage_error(argument, message):
-    with pytest.raises(scan.UsageError, match=message.replace(".", r"\.")):
-        scan.parse_settings([argument], DEFAULTS, COMMENTS, RECIPES)
+    with pytest.raises(UsageError, match=message.replace(".", r"\.")):
+        parse_settings([argument], DEFAULTS, COMMENTS, RECIPES)
 
 
 def script_settings(argv):
     """The script's own settings, parsed and validated as main() does."""
     with open(SCRIPT) as file:
-        comments = scan.read_settings_block(file.read())
-    settings = scan.parse_settings(argv, {name: getattr(scan, name) for name in comments}, comments, scan.RECIPES)
-    scan.validate_settings(settings, scan.CHOICES)
+        comments = read_settings_block(file.read())
+    defaults = {name: getattr(script, name) for name in comments}
+    settings = parse_settings(argv, defaults, comments, script.RECIPES)
+    validate_settings(settings, defaults)
     return settings
 
 
@@ -96,10 +111,14 @@ def script_settings(argv):
     "argument, message",
     [
         ("--representation_epochs=0", "--representation_epochs=0: must be at least 1"),
-        ("--batch_size=-4", "--batch_size=-4: must be at least 1"),
+        ("--representation_batch_size=-4", "--representation_batch_size=-4: must be at least 1"),
+        ("--clustering_batch_size=0", "--clustering_batch_size=0: must be at least 1"),
+        ("--self_label_batch_size=70000", "--self_label_batch_size=70000: must be at most 65536"),
         ("--num_clusters=1", "at least 2 clusters"),
         ("--num_heads=0", "--num_heads=0: must be at least 1"),
-        ("--mining_features=pixels", "--mining_features=pixels: choose one of encoder, projection"),
+        ("--mining_features=pixels", "--mining_features=pixels: choose one of tutorial, encoder, projection"),
+        ("--encoder_during_clustering=on", "--encoder_during_clustering=on: choose one of frozen, tuned, cached"),
+        ("--clustering_optimizer=sgd", "--clustering_optimizer=sgd: choose one of adamw, adam"),
         ("--target_size=16", "the resnet50v2 encoder needs images of at least 32x32"),
         ("--temperature=0", "--temperature=0.0: must be greater than 0"),
         ("--encoder=vgg16", "--encoder=vgg16: choose one of resnet50v2, resnet18, small"),
@@ -117,31 +136,30 @@ def script_settings(argv):
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
         ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
         ("--strong_augmentation=simclr", "--strong_augmentation=simclr: choose one of augmentation, scan"),
-        ("--self_label_weak_view=weak", "--self_label_weak_view=weak: choose one of none, flip-shift"),
-        ("--self_label_ema=1", "--self_label_ema=1.0: must be in [0, 1) (0 = off, e.g. 0.999)"),
-        ("--self_label_ema=-0.5", "--self_label_ema=-0.5: must be in [0, 1)"),
+        ("--self_label_ema=0.9", "unrecognized arguments: --self_label_ema=0.9"),  # removed settings
+        ("--batch_size=64", "unrecognized arguments: --batch_size=64"),
         ("--self_label_guard=maybe", "--self_label_guard=maybe: expected true or false"),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
-    with pytest.raises(scan.UsageError, match=re.escape(message)):
+    with pytest.raises(UsageError, match=re.escape(message)):
         script_settings(argument.split())
 
 
 def test_eval_data_and_holdout_exclude_each_other():
-    with pytest.raises(scan.UsageError, match="set either --eval_data or --holdout_images"):
+    with pytest.raises(UsageError, match="set either --eval_data or --holdout_images"):
         script_settings(["--eval_data=cifar10-test", "--holdout_images=10"])
     # The scan recipe sets eval_data; a holdout then needs eval_data cleared.
     assert script_settings(["--recipe=scan", "--eval_data=", "--holdout_images=10"]).holdout_images == 10
 
 
 def test_settings_that_the_data_cannot_satisfy_are_rejected():
-    with pytest.raises(scan.UsageError, match="--k_neighbours=10 needs more than 10 images, but the data has 10"):
-        scan.validate_against_data(script_settings(["--k_neighbours=10"]), 10)
+    with pytest.raises(UsageError, match="--k_neighbours=10 needs more than 10 images, but the data has 10"):
+        validate_against_data(script_settings(["--k_neighbours=10"]), 10)
     settings = script_settings(["--num_clusters=30", "--k_neighbours=2"])
-    with pytest.raises(scan.UsageError, match="--num_clusters=30 is more than the 25 images"):
-        scan.validate_against_data(settings, 25)
-    scan.validate_against_data(settings, 30)  # exactly as many clusters as images is possible
+    with pytest.raises(UsageError, match="--num_clusters=30 is more than the 25 images"):
+        validate_against_data(settings, 25)
+    validate_against_data(settings, 30)  # exactly as many clusters as images is possible
 
 
 def test_recipe_supplies_defaults_and_the_command_line_wins():
@@ -156,12 +174,15 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
     assert scan_recipe.encoder == "resnet18" and scan_recipe.augmentation == "simclr"
     assert scan_recipe.contrastive_loss == "ntxent" and scan_recipe.clustering_loss == "scan"
     assert (scan_recipe.k_neighbours, scan_recipe.num_clusters, scan_recipe.representation_epochs) == (20, 10, 500)
-    assert scan_recipe.tune_encoder_during_clustering is True and scan_recipe.self_label_threshold == 0.99
+    assert scan_recipe.encoder_during_clustering == "tuned" and scan_recipe.self_label_threshold == 0.99
     assert scan_recipe.entropy_loss_weight == 5.0 and scan_recipe.temperature == 0.1
     assert scan_recipe.eval_data == "cifar10-test"
     # SCAN's code mines neighbours among the projection head's outputs; the tutorial among the encoder's features.
-    assert (tutorial.mining_features, scan_recipe.mining_features) == ("encoder", "projection")
-    assert (tutorial.num_heads, scan_recipe.num_heads) == (1, 10)  # SCAN's code trains 10 heads and keeps the best
+    assert (tutorial.mining_features, scan_recipe.mining_features) == ("tutorial", "projection")
+    # SCAN's configs/scan/scan_cifar10.yml: one head, batch 128, Adam at 1e-4 with L2 1e-4; self-labeling at batch 1000.
+    assert (tutorial.num_heads, scan_recipe.num_heads, scan_recipe.clustering_batch_size) == (1, 1, 128)
+    assert (scan_recipe.clustering_optimizer, scan_recipe.clustering_learning_rate) == ("adam", 1e-4)
+    assert (scan_recipe.weight_decay, scan_recipe.self_label_batch_size) == (1e-4, 1000)
     # A setting on the command line wins over the recipe, in either order of the arguments.
     for argv in (["--recipe=scan", "--num_clusters=20"], ["--num_clusters=20", "--recipe=scan"]):
         settings = script_settings(argv)
@@ -170,16 +191,17 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
     mixed = script_settings(["--recipe=scan", "--clustering_loss=tutorial", "--encoder=small"])
     assert (mixed.clustering_loss, mixed.encoder, mixed.contrastive_loss) == ("tutorial", "small", "ntxent")
     cpu = script_settings(["--recipe=cpu"])
-    assert cpu.holdout_images > 0 and cpu.encoder == "small" and cpu.self_label_epochs > 0
+    # The cpu recipe leaves self-labeling out: its guard undid it in every measured run.
+    assert cpu.holdout_images > 0 and cpu.encoder == "small" and cpu.self_label_epochs == 0
 
 
 def test_every_recipe_names_only_real_settings_and_valid_choices():
     with open(SCRIPT) as file:
-        names = {name.lower() for name in scan.read_settings_block(file.read())}
-    for recipe, values in scan.RECIPES.items():
+        names = {name.lower() for name in read_settings_block(file.read())}
+    for recipe, values in script.RECIPES.items():
         assert set(values) <= names, recipe
         script_settings([f"--recipe={recipe}"])  # validates
-    assert scan.RECIPES["tutorial"] == {}
+    assert script.RECIPES["tutorial"] == {}
 
 
 def test_help_lists_every_setting_with_default_and_comment(tmp_path):
@@ -187,7 +209,7 @@ def test_help_lists_every_setting_with_default_and_comment(tmp_path):
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())  # argparse wraps long lines
     with open(SCRIPT) as file:
-        comments = scan.read_settings_block(file.read())
+        comments = read_settings_block(file.read())
     for name, comment in comments.items():
         assert f"--{name.lower()} " in help_text, name
         assert " ".join(comment.split())[:30] in help_text, name
@@ -196,9 +218,9 @@ def test_help_lists_every_setting_with_default_and_comment(tmp_path):
 
 def test_a_recipes_cifar10_evaluation_applies_to_cifar10_only():
     with open(SCRIPT) as file:
-        comments = scan.read_settings_block(file.read())
-    defaults = {name: getattr(scan, name) for name in comments}
-    own = lambda argv: scan.parse_settings(argv, defaults, comments, scan.RECIPES, tuple(scan.CIFAR10_SPLITS))  # noqa: E731
+        comments = read_settings_block(file.read())
+    defaults = {name: getattr(script, name) for name in comments}
+    own = lambda argv: parse_settings(argv, defaults, comments, script.RECIPES, tuple(CIFAR10_SPLITS))  # noqa: E731
     assert (own(["--recipe=scan"]).eval_data, own(["--recipe=scan"]).holdout_images) == ("cifar10-test", 0)
     folder = own(["--recipe=scan", "--data=path/to/images"])
     assert (folder.eval_data, folder.holdout_images) == ("", 10000)  # held-out images of the user's own data
@@ -218,23 +240,30 @@ def test_a_recipes_cifar10_evaluation_applies_to_cifar10_only():
                                              (10000, 0.2, 60000, 10000), (300, 0.0, 2000, 300), (10, 0.2, 49, 9)]
 )  # fmt: skip
 def test_holdout_count_is_a_fifth_of_the_images_at_most_the_maximum(maximum, share, num_images, expected):
-    assert scan.holdout_count(maximum, share, num_images) == expected
+    assert holdout_count(maximum, share, num_images) == expected
 
 
 def test_a_recipe_holds_out_a_fifth_of_a_small_folder_and_says_so(tmp_path, capsys):
     folder = make_image_folder(tmp_path / "images", num_classes=2, per_class=10)
     with open(SCRIPT) as file:
-        comments = scan.read_settings_block(file.read())
-    defaults = {name: getattr(scan, name) for name in comments}
+        comments = read_settings_block(file.read())
+    defaults = {name: getattr(script, name) for name in comments}
     for extra, trained, held_out in [([], 16, 4), (["--max_images=8"], 8, 2), (["--holdout_images=5"], 15, 5)]:
-        settings = scan.parse_settings(
-            ["--recipe=cpu", f"--data={folder}", "--k_neighbours=3", "--batch_size=4", "--num_clusters=2", *extra],
+        settings = parse_settings(
+            [
+                "--recipe=cpu",
+                f"--data={folder}",
+                "--k_neighbours=3",
+                "--representation_batch_size=4",
+                "--num_clusters=2",
+                *extra,
+            ],
             defaults,
             comments,
-            scan.RECIPES,
-            tuple(scan.CIFAR10_SPLITS),
+            script.RECIPES,
+            tuple(CIFAR10_SPLITS),
         )
-        data = scan.prepare_data(scan.Run(settings, gpus=[], num_devices=1, times=None))
+        data = script.prepare_data(Run(settings, gpus=[], num_devices=1, times=None))
         assert (len(data.train.images), len(data.eval.images)) == (trained, held_out), extra
         said = (
             "holding out 4 of the 20 images to evaluate on: the recipe's share of your own data (a fifth, at most 10000"
@@ -254,17 +283,41 @@ def test_a_recipe_on_a_folder_never_reaches_for_cifar10(tmp_path, monkeypatch, c
     def started(*args, **kwargs):
         raise Started
 
-    monkeypatch.setattr(scan, "load_cifar10_download", download)
-    monkeypatch.setattr(scan, "create_data_preprocessing", started)
+    monkeypatch.setattr(scan.data, "load_cifar10_download", download)  # where load_dataset finds it
+    monkeypatch.setattr(script, "create_data_preprocessing", started)
     with pytest.raises(Started):
-        scan.main(["--recipe=scan", f"--data={folder}", "--holdout_images=6", f"--output_dir={tmp_path / 'out'}",
+        script.main(["--recipe=scan", f"--data={folder}", "--holdout_images=6", f"--output_dir={tmp_path / 'out'}",
                    "--k_neighbours=2", "--num_clusters=3"])  # fmt: skip
-    scan.keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy("float32")
     assert f"evaluation data: image folder {folder}, 6 held-out images (never trained on)" in capsys.readouterr().out
 
 
-def test_the_old_recipe_name_quick_says_it_is_now_cpu():
-    with pytest.raises(
-        scan.UsageError, match=r"^--recipe=quick is now --recipe=cpu: the recipe names say where each runs$"
-    ):
-        scan.main(["--recipe=quick"])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--recipe=cpu", "--encoder_during_clustering=tuned"], "--feature_views=1 does nothing with --encoder_during_clustering=tuned (only with cached); set --feature_views=0 or --encoder_during_clustering=cached"),
+        (["--feature_views=2"], "--feature_views=2 does nothing with --encoder_during_clustering=frozen"),
+        (["--torch_conventions=true"], "--torch_conventions=True does nothing with --encoder=resnet50v2 (only with resnet18 or small); set --torch_conventions=False"),
+        (["--recipe=cpu", "--dropout_rate=0.3"], "--dropout_rate=0.3 does nothing with --projection_head=mlp"),
+        (["--recipe=cpu", "--l2_normalize=true"], "--l2_normalize=True does nothing with --contrastive_loss=ntxent"),
+        (["--entropy_loss_weight=2"], "--entropy_loss_weight=2.0 does nothing with --clustering_loss=tutorial"),
+    ],
+)  # fmt: skip
+def test_a_setting_that_would_do_nothing_with_the_others_is_one_error_line(arguments, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        script_settings(arguments)
+
+
+def test_settings_that_act_with_the_others_given_are_accepted():
+    assert script_settings(["--recipe=cpu", "--feature_views=3"]).feature_views == 3
+    assert (
+        script_settings(["--recipe=cpu", "--encoder_during_clustering=tuned", "--feature_views=0"]).feature_views == 0
+    )
+    assert script_settings(["--encoder=small", "--torch_conventions=true"]).torch_conventions is True
+    assert script_settings(["--dropout_rate=0.3"]).dropout_rate == 0.3  # the tutorial's projection head
+    assert script_settings(["--clustering_loss=scan", "--entropy_loss_weight=2"]).entropy_loss_weight == 2.0
+
+
+def test_the_old_recipe_name_quick_is_gone():
+    with pytest.raises(UsageError, match=r"^--recipe=quick: choose one of tutorial, scan, cpu, gpu$"):
+        script.main(["--recipe=quick"])

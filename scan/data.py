@@ -1,0 +1,324 @@
+"""Data sources: CIFAR-10 through `keras.datasets` or a local `cifar-10-batches-py` folder, a folder of images or a
+.zip/.tar archive of one (class sub-folders give the labels), decoded in parallel processes; and the seeded split
+of a held-out set.
+"""
+
+import concurrent.futures
+import io
+import math
+import multiprocessing
+import os
+import pickle
+import tarfile
+import textwrap
+import warnings
+import zipfile
+import zlib
+from typing import NamedTuple
+
+import keras
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from scan.settings import UsageError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+class Dataset(NamedTuple):
+    images: np.ndarray  # uint8, shape [num_images, INPUT_SIZE, INPUT_SIZE, 3]
+    labels: np.ndarray | None  # int, shape [num_images], or None for a folder without class sub-folders
+    class_names: list | None  # class name of each label id
+    source: str  # where the images came from, for the report
+    names: list | None = (
+        None  # each image as the user knows it: a path in the folder, an archive member, "cifar10-train:12"
+    )
+
+
+def load_cifar10_download(split):
+    """Loads CIFAR-10 through `keras.datasets` (downloaded once into ~/.keras/datasets): "train", "test" or both."""
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+    except Exception as error:  # noqa: BLE001  (any download or cache failure gets the same advice)
+        raise UsageError(
+            f"could not download CIFAR-10 ({shorten(str(error).splitlines()[0])}); without internet, point DATA at "
+            "local files: --data=path/to/cifar-10-batches-py, or --data=path/to/images (a folder of images or an archive of one)"
+        ) from None
+    images = {"train": [x_train], "test": [x_test], "train+test": [x_train, x_test]}[split]
+    labels = {"train": [y_train], "test": [y_test], "train+test": [y_train, y_test]}[split]
+    labels = np.concatenate(labels).reshape(-1)  # [n, 1] -> [n]
+    # Each image as "cifar10-train:1234": its split and index in keras.datasets' arrays.
+    names = [
+        f"cifar10-{part}:{i}" for part, rows in zip(split.split("+"), images, strict=True) for i in range(len(rows))
+    ]
+    return Dataset(np.concatenate(images), labels, list(CIFAR10_CLASSES), f"cifar10 {split} (keras.datasets)", names)
+
+
+def shorten(cause, width=120):
+    """A long cause cut at a word boundary (never mid-word), for a one-line error message."""
+    return textwrap.shorten(cause, width, placeholder=" ...")
+
+
+def is_cifar10_batches_folder(path):
+    return os.path.isfile(os.path.join(path, "data_batch_1")) or os.path.isfile(os.path.join(path, "test_batch"))
+
+
+def load_cifar10_batches(folder):
+    """Loads the python-pickle CIFAR-10 batches of `folder` (data_batch_1..5, then test_batch if present)."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    images, labels, image_names = [], [], []
+    for name in [name for name in names if os.path.isfile(os.path.join(folder, name))]:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as file:
+                batch = pickle.load(file, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # [n, 3072] -> [n, 3, 32, 32]
+            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
+            raise UsageError(
+                f"{path} is truncated or not a CIFAR-10 batch ({type(error).__name__}); download it again"
+            ) from None
+        if len(batch_labels) != len(data):
+            raise UsageError(f"{path} has {len(data)} images but {len(batch_labels)} labels; download it again")
+        images.append(data.transpose(0, 2, 3, 1))  # [n, 3, 32, 32] -> [n, 32, 32, 3]
+        labels.append(batch_labels)
+        image_names += [f"{name}:{index}" for index in range(len(data))]
+    class_names = list(CIFAR10_CLASSES)
+    meta_path = os.path.join(folder, "batches.meta")
+    if os.path.isfile(meta_path):
+        with open(meta_path, "rb") as file:
+            class_names = [name.decode() for name in pickle.load(file, encoding="bytes")[b"label_names"]]
+    return Dataset(
+        np.concatenate(images), np.concatenate(labels), class_names, f"cifar-10-batches-py folder {folder}", image_names
+    )
+
+
+def is_image_name(name):
+    """Whether a file is an image the loader reads, by its name's extension (hidden files are skipped)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def with_labels(names):
+    """Each relative image name with its label folder: its parent path ('' for an image at the top)."""
+    return [(name, name.rpartition("/")[0]) for name in names]
+
+
+def find_image_files(folder):
+    """Lists the image files under `folder`: (path relative to it, label folder ('' for none)), in sorted order."""
+    names = []
+    for root, directories, files in os.walk(folder):
+        directories.sort()
+        for name in sorted(files):
+            if is_image_name(name):
+                names.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return with_labels(names)
+
+
+def find_archive_images(path):
+    """Lists the image members of a .zip or .tar(.gz) archive as `find_image_files` lists a folder's files: (member
+    name, label folder), relative to the single top folder that holds every image (an archive of a folder), else
+    to the archive's root. Returns ([(relative name, label)], that top folder's prefix)."""
+    try:
+        if path.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                names = [info.filename for info in archive.infolist() if not info.is_dir()]
+        else:
+            with tarfile.open(path) as archive:
+                names = [member.name for member in archive.getmembers() if member.isfile()]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        raise archive_error(path, error) from None
+    names = sorted(name.removeprefix("./") for name in names if is_image_name(name.rpartition("/")[2]))
+    tops = {name.partition("/")[0] for name in names}
+    prefix = f"{tops.pop()}/" if len(tops) == 1 and all("/" in name for name in names) else ""
+    return with_labels([name.removeprefix(prefix) for name in names]), prefix
+
+
+def read_archive_members(path, names):
+    """The bytes of the members `names` of the archive at `path`, in that order (a tar is read once, in its order)."""
+    try:
+        if path.lower().endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                return [archive.read(name) for name in names]
+        wanted, contents = set(names), {}
+        with tarfile.open(path) as archive:
+            for member in archive:
+                name = member.name.removeprefix("./")
+                if name in wanted:
+                    contents[name] = archive.extractfile(member).read()
+        return [contents[name] for name in names]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, KeyError) as error:
+        raise archive_error(path, error) from None
+
+
+def archive_error(path, error):
+    return UsageError(
+        f"{path}: the archive is corrupt or truncated ({type(error).__name__}: {shorten(str(error), 80)}); "
+        "download or pack it again"
+    )
+
+
+def decode_image(source, size):
+    """Reads one image (a file path, or a file's bytes) as uint8 RGB [size, size, 3], or returns None if it cannot."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def decode_images(sources, size):
+    """Decodes the images in parallel processes (threads would serialise on the GIL for such small images)."""
+    if len(sources) < 2000 or "fork" not in multiprocessing.get_all_start_methods():
+        return [decode_image(source, size) for source in sources]
+    context = multiprocessing.get_context("fork")
+    with warnings.catch_warnings():  # JAX warns about any fork; the workers run Pillow only, never the backend.
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
+            decoded = pool.map(decode_image, sources, [size] * len(sources), chunksize=500)
+            return list(tqdm(decoded, total=len(sources), desc="decoding images", unit="image", mininterval=1))
+
+
+def load_image_folder(data, input_size, max_images, seed):
+    """Loads a folder, or a .zip/.tar/.tar.gz archive of one, read in place; class sub-folders (all at the same
+    depth) give the labels."""
+    if os.path.isdir(data):
+        found, kind = find_image_files(data), "image folder"
+        member = lambda name: name  # noqa: E731  (a folder's images go by their paths in it)
+        read = lambda names: [os.path.join(data, name) for name in names]  # noqa: E731
+    else:
+        (found, prefix), kind = find_archive_images(data), "image archive"
+        member = lambda name: prefix + name  # noqa: E731  (an archive's images go by their member names)
+        read = lambda names: read_archive_members(data, [prefix + name for name in names])  # noqa: E731
+    if not found:
+        raise UsageError(
+            f"--data={data}: no {'/'.join(IMAGE_EXTENSIONS)} files found; point --data at a folder of images"
+        )
+    depths = {label.count("/") + 1 if label else 0 for _, label in found}
+    if len(depths) > 1:
+        examples = {label.count("/") + 1 if label else 0: name for name, label in found}
+        raise UsageError(
+            f"--data={data}: images sit at different folder depths ({', '.join(examples[d] for d in sorted(examples))}); "
+            "put every image one class folder deep (or all directly in the folder for unlabelled data)"
+        )
+    if max_images and max_images < len(found):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(found), max_images, replace=False))
+        found = [found[i] for i in chosen]
+    decoded = decode_images(read([name for name, _ in found]), input_size)
+    unreadable = [name for (name, _), image in zip(found, decoded, strict=True) if image is None]
+    if len(unreadable) == len(found):
+        raise UsageError(f"--data={data}: none of the {len(found)} image files could be read; check the files")
+    if unreadable:
+        shown = ", ".join(unreadable[:3])
+        print(
+            f"warning: skipped {len(unreadable)} unreadable image files of {len(found)} ({shown}{', ...' if len(unreadable) > 3 else ''})"
+        )
+    kept = [(label, image) for (_, label), image in zip(found, decoded, strict=True) if image is not None]
+    names = [member(name) for (name, _), image in zip(found, decoded, strict=True) if image is not None]
+    images = np.stack([image for _, image in kept])
+    if depths == {0}:
+        return Dataset(images, None, None, f"{kind} {data} (no class sub-folders)", names)
+    class_names = sorted({label for label, _ in kept})
+    labels = np.array([class_names.index(label) for label, _ in kept], dtype=np.int64)
+    return Dataset(images, labels, class_names, f"{kind} {data}", names)
+
+
+CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-test": "test"}
+
+
+def load_dataset(data, input_size, max_images, seed):
+    """Loads the images named by `data`: a CIFAR10_SPLITS name, a cifar-10-batches-py folder, an image folder or an
+    archive of one."""
+    if data in CIFAR10_SPLITS:
+        dataset = load_cifar10_download(CIFAR10_SPLITS[data])
+    elif not os.path.exists(data):
+        raise UsageError(
+            f"--data={data}: no such file or folder; use {', '.join(CIFAR10_SPLITS)}, a cifar-10-batches-py folder, "
+            "an image folder or an archive of one"
+        )
+    elif is_cifar10_batches_folder(data):
+        dataset = load_cifar10_batches(data)
+    elif os.path.isdir(data) or data.lower().endswith(ARCHIVE_EXTENSIONS):
+        return load_image_folder(data, input_size, max_images, seed)
+    else:
+        raise UsageError(
+            f"--data={data}: is a file; point --data at a folder of images, an archive of one "
+            f"({', '.join(ARCHIVE_EXTENSIONS)}) or a cifar-10-batches-py folder"
+        )
+    if dataset.images.shape[1:3] != (input_size, input_size):
+        resized = [
+            np.asarray(Image.fromarray(image).resize((input_size, input_size), Image.Resampling.BICUBIC))
+            for image in dataset.images
+        ]
+        dataset = dataset._replace(images=np.stack(resized))
+    if max_images and max_images < len(dataset.images):
+        chosen = np.sort(np.random.default_rng(seed).choice(len(dataset.images), max_images, replace=False))
+        dataset = dataset._replace(
+            images=dataset.images[chosen], labels=dataset.labels[chosen], names=[dataset.names[i] for i in chosen]
+        )
+    return dataset
+
+
+def holdout_count(maximum, share, num_images):
+    """How many of `num_images` to hold out: `maximum`, or with a `share` (a recipe's hold-out of the user's own
+    images) that share of them, at most `maximum`."""
+    return min(maximum, int(num_images * share)) if share else maximum
+
+
+def split_holdout(dataset, holdout_images, seed):
+    """Splits a seeded random `holdout_images` images off `dataset`: returns (training set, held-out set)."""
+    if holdout_images >= len(dataset.images):
+        raise UsageError(
+            f"--holdout_images={holdout_images} leaves none of the {len(dataset.images)} images to train on; "
+            "lower --holdout_images (with your own data, a recipe holds images out unless it is given)"
+        )
+    held_out = np.zeros(len(dataset.images), dtype=bool)
+    held_out[np.random.default_rng(seed + 1).choice(len(dataset.images), holdout_images, replace=False)] = True
+    subset = lambda mask, name: Dataset(  # noqa: E731
+        dataset.images[mask],
+        None if dataset.labels is None else dataset.labels[mask],
+        dataset.class_names,
+        f"{dataset.source}, {name}",
+        None if dataset.names is None else [dataset.names[i] for i in np.flatnonzero(mask)],
+    )
+    return subset(~held_out, f"{len(dataset.images) - holdout_images} images"), subset(
+        held_out, f"{holdout_images} held-out images"
+    )
+
+
+def load_splits(settings):
+    """The images to train on (DATA, a MAX_IMAGES subset of it) and those evaluated and never trained on: EVAL_DATA,
+    or HOLDOUT_IMAGES held out of DATA (a recipe's share of the user's own images, said in one line), else None."""
+    holdout_for = lambda num_images: holdout_count(settings.holdout_images, settings.holdout_share, num_images)  # noqa: E731
+    subset_size = 0
+    if settings.max_images:  # MAX_IMAGES to train on, and the hold-out that leaves them
+        subset_size = settings.max_images + holdout_for(math.ceil(settings.max_images / (1 - settings.holdout_share)))
+    dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
+    if settings.holdout_images:
+        holdout = holdout_for(len(dataset.images))
+        if settings.holdout_share:
+            print(
+                f"holding out {holdout} of the {len(dataset.images)} images to evaluate on: the recipe's share of your "
+                f"own data (a fifth, at most {settings.holdout_images}; --holdout_images=N sets it)"
+            )
+        return split_holdout(dataset, holdout, settings.seed)
+    if settings.eval_data:
+        return dataset, load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
+    return dataset, None
+
+
+def load_assign_data(path, input_size, seed):
+    """The images of ASSIGN_DATA (any form DATA takes), with the loader's errors naming --assign_data."""
+    try:
+        return load_dataset(path, input_size, 0, seed)
+    except UsageError as error:
+        raise UsageError(str(error).replace(f"--data={path}", f"--assign_data={path}")) from None
