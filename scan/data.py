@@ -1,17 +1,13 @@
 """Data sources: CIFAR-10 through `keras.datasets` or a local `cifar-10-batches-py` folder, a folder of images or a
-.zip/.tar archive of one (class sub-folders give the labels), decoded in parallel processes; and the seeded split
-of a held-out set.
+.zip/.tar archive of one (class sub-folders one folder deep give the labels; a photo library's nested folders are
+unlabelled), decoded by `scan.images`; and the seeded split of a held-out set.
 """
 
-import concurrent.futures
-import io
 import math
-import multiprocessing
 import os
 import pickle
 import tarfile
 import textwrap
-import warnings
 import zipfile
 import zlib
 from typing import NamedTuple
@@ -19,14 +15,11 @@ from typing import NamedTuple
 import keras
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from scan.images import decode_images, image_extensions, memory_warning
 from scan.settings import UsageError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -34,12 +27,13 @@ ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
 
 class Dataset(NamedTuple):
     images: np.ndarray  # uint8, shape [num_images, INPUT_SIZE, INPUT_SIZE, 3]
-    labels: np.ndarray | None  # int, shape [num_images], or None for a folder without class sub-folders
+    labels: np.ndarray | None  # int, shape [num_images], or None without class folders one folder deep
     class_names: list | None  # class name of each label id
     source: str  # where the images came from, for the report
     names: list | None = (
         None  # each image as the user knows it: a path in the folder, an archive member, "cifar10-train:12"
     )
+    root: str | None = None  # the folder or archive that `names` are in; None for CIFAR-10's arrays
 
 
 def load_cifar10_download(split):
@@ -102,7 +96,7 @@ def load_cifar10_batches(folder):
 
 def is_image_name(name):
     """Whether a file is an image the loader reads, by its name's extension (hidden files are skipped)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(image_extensions()) and not name.startswith(".")
 
 
 def with_labels(names):
@@ -164,33 +158,9 @@ def archive_error(path, error):
     )
 
 
-def decode_image(source, size):
-    """Reads one image (a file path, or a file's bytes) as uint8 RGB [size, size, 3], or returns None if it cannot."""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
-def decode_images(sources, size):
-    """Decodes the images in parallel processes (threads would serialise on the GIL for such small images)."""
-    if len(sources) < 2000 or "fork" not in multiprocessing.get_all_start_methods():
-        return [decode_image(source, size) for source in sources]
-    context = multiprocessing.get_context("fork")
-    with warnings.catch_warnings():  # JAX warns about any fork; the workers run Pillow only, never the backend.
-        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-        with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
-            decoded = pool.map(decode_image, sources, [size] * len(sources), chunksize=500)
-            return list(tqdm(decoded, total=len(sources), desc="decoding images", unit="image", mininterval=1))
-
-
-def load_image_folder(data, input_size, max_images, seed):
-    """Loads a folder, or a .zip/.tar/.tar.gz archive of one, read in place; class sub-folders (all at the same
-    depth) give the labels."""
+def list_images(data):
+    """The image files of a folder, or of a .zip/.tar/.tar.gz archive of one, read in place: ([(name, label folder)],
+    a description, each name as the user knows it, and a function that reads the named files for decoding)."""
     if os.path.isdir(data):
         found, kind = find_image_files(data), "image folder"
         member = lambda name: name  # noqa: E731  (a folder's images go by their paths in it)
@@ -201,19 +171,28 @@ def load_image_folder(data, input_size, max_images, seed):
         read = lambda names: read_archive_members(data, [prefix + name for name in names])  # noqa: E731
     if not found:
         raise UsageError(
-            f"--data={data}: no {'/'.join(IMAGE_EXTENSIONS)} files found; point --data at a folder of images"
+            f"--data={data}: no {'/'.join(image_extensions())} files found; point --data at a folder of images"
         )
+    return found, kind, member, read
+
+
+def load_image_folder(data, input_size, max_images, seed, fit="crop"):
+    """Loads a folder, or an archive of one. Class sub-folders give the labels when every image sits one folder
+    deep; images at other depths (a photo library's nested folders) are clustered unlabelled, as a flat folder's."""
+    found, kind, member, read = list_images(data)
     depths = {label.count("/") + 1 if label else 0 for _, label in found}
-    if len(depths) > 1:
-        examples = {label.count("/") + 1 if label else 0: name for name, label in found}
-        raise UsageError(
-            f"--data={data}: images sit at different folder depths ({', '.join(examples[d] for d in sorted(examples))}); "
-            "put every image one class folder deep (or all directly in the folder for unlabelled data)"
+    if depths not in ({0}, {1}):
+        print(
+            f"{len(found)} images in nested folders: clustered unlabelled (class folders give the labels only when "
+            "every image sits one folder deep)"
         )
     if max_images and max_images < len(found):
         chosen = np.sort(np.random.default_rng(seed).choice(len(found), max_images, replace=False))
         found = [found[i] for i in chosen]
-    decoded = decode_images(read([name for name, _ in found]), input_size)
+    warning = memory_warning(len(found), input_size)
+    if warning:
+        print(warning)
+    decoded = decode_images(read([name for name, _ in found]), input_size, fit)
     unreadable = [name for (name, _), image in zip(found, decoded, strict=True) if image is None]
     if len(unreadable) == len(found):
         raise UsageError(f"--data={data}: none of the {len(found)} image files could be read; check the files")
@@ -225,19 +204,20 @@ def load_image_folder(data, input_size, max_images, seed):
     kept = [(label, image) for (_, label), image in zip(found, decoded, strict=True) if image is not None]
     names = [member(name) for (name, _), image in zip(found, decoded, strict=True) if image is not None]
     images = np.stack([image for _, image in kept])
-    if depths == {0}:
-        return Dataset(images, None, None, f"{kind} {data} (no class sub-folders)", names)
+    if depths != {1}:
+        description = "no class sub-folders" if depths == {0} else "nested folders, unlabelled"
+        return Dataset(images, None, None, f"{kind} {data} ({description})", names, data)
     class_names = sorted({label for label, _ in kept})
     labels = np.array([class_names.index(label) for label, _ in kept], dtype=np.int64)
-    return Dataset(images, labels, class_names, f"{kind} {data}", names)
+    return Dataset(images, labels, class_names, f"{kind} {data}", names, data)
 
 
 CIFAR10_SPLITS = {"cifar10": "train+test", "cifar10-train": "train", "cifar10-test": "test"}
 
 
-def load_dataset(data, input_size, max_images, seed):
+def load_dataset(data, input_size, max_images, seed, fit="crop"):
     """Loads the images named by `data`: a CIFAR10_SPLITS name, a cifar-10-batches-py folder, an image folder or an
-    archive of one."""
+    archive of one (each image `fit` to a square: IMAGE_FIT)."""
     if data in CIFAR10_SPLITS:
         dataset = load_cifar10_download(CIFAR10_SPLITS[data])
     elif not os.path.exists(data):
@@ -248,7 +228,7 @@ def load_dataset(data, input_size, max_images, seed):
     elif is_cifar10_batches_folder(data):
         dataset = load_cifar10_batches(data)
     elif os.path.isdir(data) or data.lower().endswith(ARCHIVE_EXTENSIONS):
-        return load_image_folder(data, input_size, max_images, seed)
+        return load_image_folder(data, input_size, max_images, seed, fit)
     else:
         raise UsageError(
             f"--data={data}: is a file; point --data at a folder of images, an archive of one "
@@ -289,6 +269,7 @@ def split_holdout(dataset, holdout_images, seed):
         dataset.class_names,
         f"{dataset.source}, {name}",
         None if dataset.names is None else [dataset.names[i] for i in np.flatnonzero(mask)],
+        dataset.root,
     )
     return subset(~held_out, f"{len(dataset.images) - holdout_images} images"), subset(
         held_out, f"{holdout_images} held-out images"
@@ -302,7 +283,7 @@ def load_splits(settings):
     subset_size = 0
     if settings.max_images:  # MAX_IMAGES to train on, and the hold-out that leaves them
         subset_size = settings.max_images + holdout_for(math.ceil(settings.max_images / (1 - settings.holdout_share)))
-    dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed)
+    dataset = load_dataset(settings.data, settings.input_size, subset_size, settings.seed, settings.image_fit)
     if settings.holdout_images:
         holdout = holdout_for(len(dataset.images))
         if settings.holdout_share:
@@ -312,13 +293,13 @@ def load_splits(settings):
             )
         return split_holdout(dataset, holdout, settings.seed)
     if settings.eval_data:
-        return dataset, load_dataset(settings.eval_data, settings.input_size, 0, settings.seed)
+        return dataset, load_dataset(settings.eval_data, settings.input_size, 0, settings.seed, settings.image_fit)
     return dataset, None
 
 
-def load_assign_data(path, input_size, seed):
+def load_assign_data(path, input_size, seed, fit):
     """The images of ASSIGN_DATA (any form DATA takes), with the loader's errors naming --assign_data."""
     try:
-        return load_dataset(path, input_size, 0, seed)
+        return load_dataset(path, input_size, 0, seed, fit)
     except UsageError as error:
         raise UsageError(str(error).replace(f"--data={path}", f"--assign_data={path}")) from None

@@ -31,6 +31,7 @@ CHOICES = {
     "mixed_precision": ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
     "data_on_device": ["auto", "true", "false"],
     "distribution": ["auto", "none", "data_parallel"],
+    "image_fit": ["crop", "squash"],
 }
 # Upper bounds of the settings whose larger values would exhaust memory rather than do more work.
 SETTING_LIMITS = {
@@ -99,10 +100,8 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
             help=f"{comments.get(name, '')} (default: {default})",
             metavar=type(default).__name__.upper(),
         )
-    given = {
-        name: parse_setting_value(name, text, defaults[name.upper()])
-        for name, text in vars(parser.parse_args(argv)).items()
-    }
+    texts = vars(parser.parse_args(argv))
+    given = {name: parse_setting_value(name, text, defaults[name.upper()]) for name, text in texts.items()}
     settings = {name.lower(): value for name, value in defaults.items()}
     recipe = given.get("recipe", settings.get("recipe", "tutorial"))
     if recipe not in recipes:
@@ -117,6 +116,8 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
         holdout_from_recipe = "holdout_images" not in given
     # A recipe's hold-out fits the user's own images: a fifth of them, at most HOLDOUT_IMAGES (holdout_count).
     settings["holdout_share"] = 0.2 if own_data and holdout_from_recipe else 0.0
+    # The command that gives these settings, with the script's constants as they are: report.html shows it.
+    settings["command"] = " ".join(["python scan_cifar10.py", *(f"--{name}={text}" for name, text in texts.items())])
     return argparse.Namespace(**settings)
 
 
@@ -194,6 +195,10 @@ def check_combinations(settings, defaults):
         )
     if settings.eval_data and settings.holdout_images:
         raise UsageError("set either --eval_data or --holdout_images, not both (use --eval_data= to clear it)")
+    if settings.sort_copies and not settings.sort_into:
+        raise UsageError(
+            "--sort_copies=true copies the images into --sort_into; name that folder, e.g. --sort_into=sorted"
+        )
     for name, (other, values) in ACTS_ONLY_WITH.items():
         value, default = getattr(settings, name), defaults[name.upper()]
         if value != default and getattr(settings, other) not in values:

@@ -129,7 +129,7 @@ def test_image_folder_max_images(tmp_path):
     "setup, message",
     [
         (lambda root: None, "no such file or folder"),
-        (lambda root: root.mkdir(), "no .png/.jpg/.jpeg/.bmp/.gif/.webp files found"),
+        (lambda root: root.mkdir(), "no .png/.jpg/.jpeg/.bmp/.gif/.* files found; point --data at a folder of images"),
         (lambda root: (root.mkdir(), (root / "x.png").write_bytes(b"junk")), "none of the 1 image files could be read"),
         (lambda root: root.write_text("a,b"), "is a file; point --data at a folder of images, an archive of one"),
     ],
@@ -141,12 +141,31 @@ def test_unusable_folders_raise_usage_errors(tmp_path, setup, message):
         load_dataset(str(root), input_size=32, max_images=0, seed=0)
 
 
-def test_images_at_uneven_depths_are_rejected(tmp_path):
-    root = tmp_path / "data"
-    make_image_folder(root / "cat", num_classes=1, per_class=2, labelled=False)
-    make_image_folder(root / "dog" / "puppies", num_classes=1, per_class=2, labelled=False)
-    with pytest.raises(UsageError, match="images sit at different folder depths"):
-        load_dataset(str(root), input_size=32, max_images=0, seed=0)
+@pytest.mark.parametrize("nested", [["cat", "dog/puppies"], ["2024/05", "2024/06"], ["", "scans"]])
+def test_a_library_of_nested_folders_is_clustered_unlabelled_and_keeps_each_path(tmp_path, capsys, nested):
+    root = tmp_path / "Pictures"
+    for index, folder in enumerate(nested):
+        for image in range(3):
+            path = root / folder / f"photo_{image}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(class_image(index, image)).save(path)
+    dataset = load_dataset(str(root), input_size=32, max_images=0, seed=0)
+    assert dataset.labels is None and dataset.class_names is None and len(dataset.images) == 6
+    assert sorted(dataset.names) == sorted(f"{folder}/photo_{i}.png".lstrip("/") for folder in nested for i in range(3))
+    assert dataset.root == str(root) and dataset.source.endswith("(nested folders, unlabelled)")
+    assert capsys.readouterr().out == (
+        "6 images in nested folders: clustered unlabelled (class folders give the labels only when every image sits "
+        "one folder deep)\n"
+    )
+    for name, image in zip(dataset.names, dataset.images, strict=True):  # each image is its file's
+        np.testing.assert_array_equal(image, np.asarray(Image.open(root / name).convert("RGB")))
+
+
+def test_labels_come_from_class_folders_when_every_image_sits_one_folder_deep(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images", num_classes=2, per_class=3)
+    dataset = load_dataset(root, input_size=32, max_images=0, seed=0)
+    assert dataset.class_names == ["class_0", "class_1"] and dataset.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert capsys.readouterr().out == ""
 
 
 def test_truncated_cifar_batch_is_rejected(tmp_path):
