@@ -16,7 +16,9 @@ from PIL import Image, ImageDraw
 from scan.backend import describe_devices
 from scan.cache import cache_report
 from scan.files import save_json, write_bytes_atomically
+from scan.html_report import write_run_page
 from scan.metrics import assign_clusters, contingency_table, majority_label_report, split_metrics
+from scan.sorting import sort_images
 
 matplotlib.use("Agg")  # Figures are saved as PNG files, so no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
@@ -143,7 +145,9 @@ def report_clusters(clustering_probs, labels, class_names, prototypes_per_cluste
     plot_prototypes(images, labels, class_names, prototypes, output_path("prototypes.png"))
     metrics = {"cluster_sizes": sizes.tolist()}
     if labels is None:
-        print("no labels (a folder without class sub-folders): see prototypes.png for what each cluster holds")
+        print(
+            "no labels (no class folders one folder deep): see report.html and prototypes.png for what each cluster holds"
+        )
         return metrics
     report = majority_label_report(cluster_assignments, labels, num_clusters, len(class_names))
     for c in range(num_clusters):
@@ -268,3 +272,21 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
     split, _ = data.evaluated()
     print(result_line(split, analysis.splits[split], run.settings.num_clusters))
     return metrics
+
+
+def save_assignments(settings, assigned, names, title, report, scores=None, figures=()):
+    """What says where each image went: the table `names[0]` of every (split, Dataset, probabilities) of `assigned`
+    (clusters.csv), the contact sheets of the first one's images in the folder `names[1]`, the page `names[2]`
+    (report.html: its cluster sizes and labels from `report`, the `scores`, the `figures`) and, with SORT_INTO, the
+    images laid out in one folder per cluster."""
+    table, sheets, page = names
+    save_cluster_table(assigned, os.path.join(settings.output_dir, table))
+    _, dataset, probabilities = assigned[0]
+    if settings.sheet_images:
+        save_contact_sheets(
+            dataset.images, probabilities, settings.sheet_images, os.path.join(settings.output_dir, sheets)
+        )
+    sheets = sheets if settings.sheet_images else None
+    write_run_page(settings.output_dir, page, title, settings.command, report, scores, sheets, figures)
+    if settings.sort_into:
+        print(sort_images(settings.sort_into, [(images, probs) for _, images, probs in assigned], settings.sort_copies))
