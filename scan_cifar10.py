@@ -24,8 +24,9 @@ The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_c
 every stage runs data-parallel over all of them (DISTRIBUTION), each stage's batch size being the global batch.
 
 This file reads as the tutorial: its settings, then its sections in order, each a few lines. The machinery they
-stand on lives beside it in the package `scan/`, one module per concern (settings, backend, data, batches,
-augmentations, models, losses, training, files, cache, run, neighbours, clustering, self_labeling, metrics, reports).
+stand on lives beside it in the package `scan/`, one module per concern (settings, backend, data, images, batches,
+augmentations, models, losses, training, files, cache, run, neighbours, clustering, self_labeling, metrics, reports,
+html_report, sorting).
 
 Measured (docs/speed.md, docs/cpu-recipe.md and docs/gpu-recipe.md have the full reports):
 - the tutorial's defaults (60,000 images, 50 + 50 epochs) with JAX 0.11.2 on one NVIDIA H100: 4.9 minutes, 25.05 %
@@ -69,11 +70,13 @@ from scan.clustering import (
     choose_head_inputs,
     cluster_predictor,
     create_clustering_models,
+    head_alone_accuracy,
     head_backbone,
     head_predictions,
     keep_best_head,
 )
 from scan.data import CIFAR10_SPLITS, load_assign_data, load_splits
+from scan.html_report import FIGURES
 from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss, nt_xent_loss, tutorial_contrastive_loss
 from scan.metrics import assign_clusters, split_metrics
 from scan.models import create_encoder, create_projection_head
@@ -84,13 +87,13 @@ from scan.reports import (
     plot_loss_history,
     plot_neighbours,
     report_clusters,
-    save_cluster_table,
-    save_contact_sheets,
+    save_assignments,
     write_metrics,
 )
 from scan.run import Run, StageTimes
 from scan.self_labeling import run_self_labeling
 from scan.settings import parse_settings, read_settings_block, validate_against_data, validate_settings
+from scan.sorting import check_sortable_datasets
 from scan.training import KeepBestEpoch, create_optimizer, learning_rate_schedule, run_as_command, train
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -104,6 +107,7 @@ ASSIGN_DATA = ""  # new images, same forms as DATA, to put into the clusters lea
 HOLDOUT_IMAGES = 0  # hold this many DATA images out of training and evaluate on them (0 = none)
 MAX_IMAGES = 0  # 0 = all images; otherwise a seeded random subset of this many to train on
 INPUT_SIZE = 32  # side of the stored images in pixels (CIFAR-10: 32); folder images are resized to it
+IMAGE_FIT = "crop"  # how a non-square image becomes square: "crop" (its centred square) or "squash" (all of it)
 SEED = 42  # seed for the subsets, the weights and the augmentations
 OUTPUT_DIR = "outputs"  # figures, metrics.json and the stage cache (OUTPUT_DIR/cache) are written here
 RESUME = True  # reuse finished stages and resume interrupted training; False recomputes everything
@@ -166,6 +170,8 @@ SELF_LABEL_GUARD = True  # keep the model from before self-labeling if it raised
 PREDICTION_NEIGHBOURS = 0  # 0: an image's clusters are the head's; N: the vote of its N most similar training images
 PROTOTYPES_PER_CLUSTER = 8  # most confident images shown per cluster in prototypes.png
 SHEET_IMAGES = 64  # most confident images on each cluster's contact sheet, clusters/cluster-NN.jpg (0 = no sheets)
+SORT_INTO = ""  # a folder to lay the images out in, one sub-folder of links to them per cluster ("" = none)
+SORT_COPIES = False  # with SORT_INTO: copies of the images instead of links to them
 
 # Speed
 MIXED_PRECISION = "auto"  # "auto" (mixed_bfloat16 on a GPU that has it, else float32), "float32", "mixed_bfloat16"
@@ -242,6 +248,7 @@ class Data(NamedTuple):
     train: object  # the Dataset every stage learns on
     eval: object | None  # the Dataset evaluated on and never trained on, or None: the training images are evaluated
     digest: str  # data_fingerprint of `train`, the start of every stage's fingerprint
+    new: object | None = None  # the Dataset of ASSIGN_DATA, to put into the clusters learned before, or None
 
     def evaluated(self):
         """The split that the last line reports: ("eval", held-out images) when there are some, else ("train", ...)."""
@@ -249,10 +256,15 @@ class Data(NamedTuple):
 
 
 def prepare_data(run):
-    """Loads DATA (and EVAL_DATA, or holds HOLDOUT_IMAGES out of it) and checks the settings against it: a mistake
-    shows here, before anything is written."""
+    """Loads DATA (and EVAL_DATA, or holds HOLDOUT_IMAGES out of it; and ASSIGN_DATA) and checks the settings against
+    it, and what SORT_INTO will sort: a mistake shows here, before anything is written."""
     settings = run.settings
     dataset, eval_set = load_splits(settings)
+    new = None
+    if settings.assign_data:
+        new = load_assign_data(settings.assign_data, settings.input_size, settings.seed, settings.image_fit)
+    if settings.sort_into:
+        check_sortable_datasets(settings.sort_into, [new] if new is not None else [dataset, eval_set])
     validate_against_data(settings, len(dataset.images), run.num_devices)
     # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
     whole_batches = math.ceil(len(dataset.images) / run.num_devices) * run.num_devices
@@ -266,7 +278,7 @@ def prepare_data(run):
         print(f"evaluation data: {eval_set.source} (never trained on)")
     else:
         print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
-    return Data(dataset, eval_set, data_fingerprint(dataset))
+    return Data(dataset, eval_set, data_fingerprint(dataset), new)
 
 
 """
@@ -745,7 +757,7 @@ class Analysis(NamedTuple):
 
 def analyse_clusters(run, data, preprocessing, representation, neighbours, clustering):
     """Assigns every image to a cluster, prints the tutorial's report and each split's accuracy, NMI and ARI, and
-    saves prototypes.png, the confusion matrices, clusters.csv and the contact sheets."""
+    saves prototypes.png, the confusion matrices, clusters.csv, the contact sheets and report.html."""
     settings, train, evaluated = run.settings, data.train, data.eval
     head_probs = head_predictions(run, data, clustering)
     predict = cluster_predictor(settings, preprocessing, representation, neighbours, clustering, train, head_probs)
@@ -771,18 +783,11 @@ def analyse_clusters(run, data, preprocessing, representation, neighbours, clust
             "eval", "held-out images", eval_probs, evaluated.labels, evaluated.class_names, run.output_path
         )
         assigned.append(("eval", evaluated, eval_probs))
-        if settings.prediction_neighbours and evaluated.labels is not None:
-            # What the vote added: the clustering model's own accuracy on the same images.
-            head_alone, _ = split_metrics(
-                predict_in_full_batches(clustering.model, evaluated.images, settings.embedding_batch_size),
-                evaluated.labels,
-                evaluated.class_names,
-            )
-            splits["eval"]["head_acc"] = head_alone["acc"]
-            print(f"  the clustering model alone: accuracy {head_alone['acc']:.2%}, NMI {head_alone['nmi']:.4f}")
-    save_cluster_table(assigned, run.output_path("clusters.csv"))
-    if settings.sheet_images:
-        save_contact_sheets(train.images, clustering_probs, settings.sheet_images, run.output_path("clusters"))
+        if settings.prediction_neighbours and evaluated.labels is not None:  # what the vote added
+            splits["eval"]["head_acc"] = head_alone_accuracy(clustering.model, evaluated, settings.embedding_batch_size)
+    split = data.evaluated()[0]
+    scores, title = {**splits[split], "split": split}, f"The clusters of {train.source}"
+    save_assignments(settings, assigned, ("clusters.csv", "clusters", "report.html"), title, report, scores, FIGURES)
     return Analysis(report, splits)
 
 
@@ -794,10 +799,10 @@ comes from the stage cache, so the model that assigns is the one the training ru
 """
 
 
-def assign_images(run, data, preprocessing, new):
-    """Puts the `new` images into the clusters that these settings learned on this data before; prints the cluster
-    sizes; writes assigned.csv and assigned/cluster-NN.jpg; returns the sizes."""
-    settings = run.settings
+def assign_images(run, data, preprocessing):
+    """Puts the new images (`data.new`) into the clusters that these settings learned on this data before; prints the cluster
+    sizes; writes assigned.csv, assigned/cluster-NN.jpg and assigned.html; returns the sizes."""
+    settings, new = run.settings, data.new
     run.cache.reuse_only = True
     print(f"\n## Assign {settings.assign_data} to the clusters learned before (nothing is trained)")
     representation = learn_representation(run, data, preprocessing)
@@ -814,10 +819,9 @@ def assign_images(run, data, preprocessing, new):
     sizes = np.bincount(assign_clusters(probabilities)[0], minlength=settings.num_clusters)
     for cluster, size in enumerate(sizes):
         print("cluster", cluster, ":", size)
-    save_cluster_table([("assigned", new, probabilities)], run.output_path("assigned.csv"))
-    if settings.sheet_images:
-        save_contact_sheets(new.images, probabilities, settings.sheet_images, run.output_path("assigned"))
-    print(f"assigned {len(new.images)} images of {new.source}: see assigned.csv and assigned/cluster-NN.jpg")
+    names, title = ("assigned.csv", "assigned", "assigned.html"), f"{new.source} in the clusters learned before"
+    save_assignments(settings, [("assigned", new, probabilities)], names, title, {"cluster_sizes": sizes.tolist()})
+    print(f"assigned {len(new.images)} images of {new.source}: see assigned.html, assigned.csv and assigned/")
     print(f"RESULT split=assigned images={len(new.images)} clusters={settings.num_clusters}")
     return {"assigned": len(new.images), "cluster_sizes": sizes.tolist()}
 
@@ -847,14 +851,11 @@ def train_and_evaluate(settings, devices):
     run = Run(settings, devices.gpus, devices.num_devices, StageTimes(CompilationLog()))
     with run.times.stage("data"):
         data = prepare_data(run)
-        new_images = (
-            load_assign_data(settings.assign_data, settings.input_size, settings.seed) if settings.assign_data else None
-        )
     run.open_cache(data.digest, STAGE_SETTINGS)  # Every check has passed: only now is anything written.
     with run.times.stage("preprocessing"):
         preprocessing = prepare_preprocessing(run, data)
     if settings.assign_data:  # New images into the clusters learned before: every stage comes from the cache.
-        return assign_images(run, data, preprocessing, new_images)
+        return assign_images(run, data, preprocessing)
 
     print(f"\n## Self-supervised representation learning: {settings.representation_epochs} epochs")
     with run.times.stage("representation_learning"):

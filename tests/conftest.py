@@ -54,5 +54,34 @@ def run_script(args, cwd, backend="tensorflow", timeout=600, env=None):
 
 
 @pytest.fixture
+def run_here(monkeypatch, capsys):
+    """`run(args, cwd, backend=None)`: the command's own path, `run_as_command(main)`, in this process, with what
+    `run_script` returns (returncode, stdout, stderr); it saves the seconds a new process spends importing
+    TensorFlow. A `backend` other than this process's runs in a new process (an engine is fixed once imported)."""
+    import keras
+
+    import scan.training
+    import scan_cifar10
+
+    monkeypatch.setattr(scan.training.TERMINATION, "install", lambda: None)  # pytest keeps its own SIGTERM handler
+
+    def run(args, cwd, backend=None):
+        if backend not in (None, keras.backend.backend()):
+            return run_script(args, cwd, backend=backend)
+        monkeypatch.chdir(cwd)
+        returncode = 0
+        try:
+            scan.training.run_as_command(lambda: scan_cifar10.main(args))
+        except SystemExit as exited:
+            returncode = exited.code
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(args, returncode, printed.out, printed.err)
+
+    return run
+
+
+@pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
