@@ -23,6 +23,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
+# What zipfile and tarfile raise for a corrupt or truncated archive; reading one also meets OSError.
+CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)
 
 
 class Dataset(NamedTuple):
@@ -126,7 +128,7 @@ def find_archive_images(path):
         else:
             with tarfile.open(path) as archive:
                 names = [member.name for member in archive.getmembers() if member.isfile()]
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as error:
+    except (*CORRUPT_ARCHIVE_ERRORS, OSError) as error:
         raise archive_error(path, error) from None
     names = sorted(name.removeprefix("./") for name in names if is_image_name(name.rpartition("/")[2]))
     tops = {name.partition("/")[0] for name in names}
@@ -147,7 +149,7 @@ def read_archive_members(path, names):
                 if name in wanted:
                     contents[name] = archive.extractfile(member).read()
         return [contents[name] for name in names]
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, KeyError) as error:
+    except (*CORRUPT_ARCHIVE_ERRORS, OSError, KeyError) as error:
         raise archive_error(path, error) from None
 
 

@@ -16,10 +16,9 @@ import stat
 import tarfile
 import time
 import zipfile
-import zlib
 from typing import NamedTuple
 
-from scan.data import ARCHIVE_EXTENSIONS, archive_error
+from scan.data import ARCHIVE_EXTENSIONS, CORRUPT_ARCHIVE_ERRORS, archive_error
 from scan.settings import UsageError
 
 MARKER_NAME = ".scan-sorted"
@@ -33,7 +32,6 @@ KINDS = {  # the ways a photo is laid out: (singular, plural) for the summary li
     "copies": ("copy", "copies"),
     "extracted": ("extracted from an archive", "extracted from archives"),
 }
-ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError)
 
 
 class Placement(NamedTuple):
@@ -88,7 +86,7 @@ def check_zip_members(archive_path, names):
                     raise refuse_member(archive_path, name, "is a symbolic link")
                 if info.is_dir():
                     raise refuse_member(archive_path, name, "is a folder")
-    except ARCHIVE_ERRORS as error:
+    except (*CORRUPT_ARCHIVE_ERRORS, OSError) as error:
         raise archive_error(archive_path, error) from None
     return {}
 
@@ -102,7 +100,7 @@ def check_tar_members(archive_path, names):
             for member in archive:
                 if member.name.removeprefix("./") in names:
                     chosen[member.name.removeprefix("./")] = member
-    except ARCHIVE_ERRORS as error:
+    except (*CORRUPT_ARCHIVE_ERRORS, OSError) as error:
         raise archive_error(archive_path, error) from None
     for name in names:
         member = chosen.get(name)
@@ -325,7 +323,7 @@ def extract_members(archive_path, destinations, offsets):
                 name = member.name.removeprefix("./")
                 if name in destinations and member.offset == offsets[name]:
                     write_member(archive.extractfile(member), destinations[name], member.mtime)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as error:
+    except CORRUPT_ARCHIVE_ERRORS as error:  # a write error (a full disk) stays what it is
         raise archive_error(archive_path, error) from None
 
 
