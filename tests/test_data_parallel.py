@@ -11,29 +11,44 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SCRIPT, make_image_folder, run_script
+from conftest import REPO, SCRIPT, make_image_folder
 from scan.backend import join_machines, resolve_distribution
 from scan.batches import RowBatches
 from scan.settings import UsageError, check_divisible
 
 TINY = ["--recipe=cpu", "--holdout_images=6", "--representation_batch_size=8", "--clustering_batch_size=8", "--representation_epochs=1", "--clustering_epochs=1",
-        "--self_label_epochs=0", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
+        "--self_label_epochs=1", "--self_label_threshold=0.34", "--num_clusters=3", "--k_neighbours=2", "--embedding_batch_size=16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_device_run(tmp_path_factory):
+    """`run(backend)`: data_parallel_steps.py in a process that sees two devices, once per backend for this module;
+    returns its report, the image folder and the run's output folder (the tiny data-parallel run's metrics.json)."""
+    runs = {}
+
+    def run(backend):
+        if backend not in runs:
+            tmp_path = tmp_path_factory.mktemp(f"two-devices-{backend}")
+            folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
+            environment = {
+                **os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+            }  # fmt: skip
+            result = subprocess.run(
+                [sys.executable, os.path.join(REPO, "tests", "data_parallel_steps.py"), f"--data={folder}",
+                 f"--output_dir={tmp_path / 'out'}", *TINY],
+                cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[backend] = json.loads(result.stdout.strip().splitlines()[-1]), folder, tmp_path / "out"
+        return runs[backend]
+
+    return run
 
 
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_two_devices_train_as_one_and_mine_the_same_neighbours(tmp_path, backend):
-    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
-    environment = {
-        **os.environ, "KERAS_BACKEND": backend, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-    }  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "data_parallel_steps.py"), f"--data={folder}",
-         f"--output_dir={tmp_path / 'out'}", *TINY],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+def test_two_devices_train_as_one_and_mine_the_same_neighbours(two_device_run, backend):
+    report, _, output_dir = two_device_run(backend)
     assert report["devices"] == 2
     for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
         one, two = report[stage]["losses"]
@@ -53,7 +68,7 @@ def test_two_devices_train_as_one_and_mine_the_same_neighbours(tmp_path, backend
         "over the devices)"
     ) in run
     assert re.fullmatch(r"RESULT split=eval images=6 clusters=3 acc=[\d.]+ nmi=[\d.]+ ari=-?[\d.]+", run[-1])
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["devices"] == 2
 
 
@@ -138,20 +153,16 @@ def run_two_processes(args, cwd):
     return [stdout for stdout, _ in finished]
 
 
-def test_two_processes_train_as_one_process_on_two_devices_and_resume(tmp_path):
-    folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
-    args = [f"--data={folder}", *TINY, "--self_label_epochs=1", "--self_label_threshold=0.34"]
-    one = run_script(
-        [*args, "--distribution=data_parallel", f"--output_dir={tmp_path / 'one'}"], cwd=tmp_path, backend="jax",
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    expected = json.loads((tmp_path / "one" / "metrics.json").read_text())
+def test_two_processes_train_as_one_process_on_two_devices_and_resume(two_device_run, tmp_path):
+    # The reference: the tiny data-parallel run of one JAX process on two devices, made by data_parallel_steps.py.
+    report, folder, one = two_device_run("jax")
+    expected = json.loads((one / "metrics.json").read_text())
+    args = [f"--data={folder}", *TINY]
     outputs = run_two_processes([*args, f"--output_dir={tmp_path / 'two'}"], cwd=tmp_path)
     for index, output in enumerate(outputs):
         assert "data-parallel over 2 devices in 2 processes (global batches: SimCLR 8, clustering 8" in output
         # Each process gets every prediction, so each reports the whole run, the same as one process on two devices.
-        assert output.strip().splitlines()[-1] == one.stdout.strip().splitlines()[-1]
+        assert output.strip().splitlines()[-1] == report["run"][-1]
         assert f"figures and metrics.json are in {tmp_path / 'two' / f'process-{index}'}" in output
         metrics = json.loads((tmp_path / "two" / f"process-{index}" / "metrics.json").read_text())
         assert metrics["devices"] == 2 and metrics["neighbour_purity"] == expected["neighbour_purity"]

@@ -17,7 +17,7 @@ import pytest
 
 import scan.cache
 import scan.files
-from conftest import SCRIPT, make_image_folder, run_script, with_settings
+from conftest import SCRIPT, make_image_folder, with_settings
 from scan.cache import StageCache, cache_report
 from scan.files import DiskFullError, save_array, save_weights, weights_bytes, write_atomically
 from scan.training import create_optimizer
@@ -126,7 +126,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path):
+def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path, run_here):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY]
@@ -142,16 +142,16 @@ def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path):
     assert not [name for root, _, names in os.walk(output_dir) for name in names if name.startswith(".tmp-")]
     assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["representation", "representation"]
 
-    rerun = run_script(args, cwd=tmp_path)
+    rerun = run_here(args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "representation learning: done before" in rerun.stdout and "Epoch 1/2" in rerun.stdout  # clustering's
 
 
-def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_path):
+def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_path, run_here):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     # No checkpoint is due for an hour, so only the SIGTERM save can explain where the rerun resumes.
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=200"),
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=40"),
             "--checkpoint_seconds=3600"]  # fmt: skip
     environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
@@ -178,11 +178,11 @@ def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_pat
     stale.write_bytes(b"old")
     (output_dir / "cache" / "compiled").mkdir()
     (output_dir / "cache" / "compiled" / "program").write_bytes(b"xla")
-    resumed = run_script([*args, "--prune_cache=true"], cwd=tmp_path)
+    resumed = run_here([*args, "--prune_cache=true"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"representation learning: resuming after epoch {completed} of 200" in resumed.stdout
-    assert f"Epoch {completed + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
-    assert len(json.loads((output_dir / "metrics.json").read_text())["losses"]["representation"]) == 200
+    assert f"representation learning: resuming after epoch {completed} of 40" in resumed.stdout
+    assert f"Epoch {completed + 1}/40" in resumed.stdout and "Epoch 1/40" not in resumed.stdout
+    assert len(json.loads((output_dir / "metrics.json").read_text())["losses"]["representation"]) == 40
     assert not stale.exists() and (output_dir / "cache" / "compiled" / "program").exists()
     results = [name for name in os.listdir(output_dir / "cache") if name != "compiled"]
     assert len({name.split(".")[0] for name in results}) == 5  # representation, embeddings, neighbours, ...

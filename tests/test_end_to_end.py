@@ -20,10 +20,10 @@ FIGURES = ["augmentations.png", "representation_loss.png", "neighbours.png", "cl
 # TensorFlow runs the tutorial's ResNet50V2; JAX the small encoder, as ResNet50V2's XLA compilation takes
 # minutes on 2 cores.
 @pytest.mark.parametrize("backend, encoder", [("tensorflow", "resnet50v2"), ("jax", "small")])
-def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_folder, backend, encoder):
+def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_folder, backend, encoder, run_here):
     output_dir = tmp_path / "out"
     args = [f"--data={image_folder}", f"--output_dir={output_dir}", f"--encoder={encoder}", *TINY]
-    result = run_script(args, cwd=tmp_path, backend=backend)
+    result = run_here(args, cwd=tmp_path, backend=backend)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"backend {backend} on CPU only, float32, recipe tutorial" in out
@@ -98,7 +98,7 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
 # that a second run loads every program from the compilation cache.
 # gpu and cpu cluster and self-label on cached features; scan tunes the encoder and self-labels images.
 @pytest.mark.parametrize("recipe, backend", [("gpu", "jax"), ("scan", "jax"), ("cpu", "tensorflow"), ("cpu", "jax")])
-def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend):
+def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend, run_here):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
     tiny = ["--representation_batch_size=8", "--clustering_batch_size=8", "--self_label_batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--self_label_epochs=1",
@@ -112,7 +112,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
         *tiny,
         *(["--representation_epochs=2", "--warmup_epochs=1"] if recipe == "gpu" else []),
     ]
-    result = run_script(args, cwd=tmp_path, backend=backend)
+    result = run_here(args, cwd=tmp_path, backend=backend)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert f"recipe {recipe}" in out
@@ -189,12 +189,12 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend)
     assert match and match.group(1) == match.group(2)
 
 
-def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning(tmp_path):
+def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning(tmp_path, run_here):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
     args = [f"--data={folder}", f"--output_dir={output_dir}", "--encoder=small", "--holdout_images=6",
             "--prediction_neighbours=5", *TINY]  # fmt: skip
-    trained = run_script(args, cwd=tmp_path)
+    trained = run_here(args, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "each image takes the clusters that its 5 most similar training images vote for" in trained.stdout
     head_alone = re.search(r"^  the clustering model alone: accuracy ([\d.]+)%", trained.stdout, flags=re.MULTILINE)
@@ -218,7 +218,7 @@ def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning
     # assigning run embeds them again, in other batches, so their similarities may differ in the 7th digit; among
     # this tiny encoder's near-equal similarities (all above 0.99) that can swap a neighbour of equal weight and
     # move a confidence by a few 1e-4, hence the looser tolerance than in the assign test below.
-    assigned = run_script([*args, f"--assign_data={folder}"], cwd=tmp_path)
+    assigned = run_here([*args, f"--assign_data={folder}"], cwd=tmp_path)
     assert assigned.returncode == 0, assigned.stderr[-3000:]
     with open(output_dir / "assigned.csv", newline="") as file:
         rows = {row["source"]: row for row in csv.DictReader(file)}
@@ -228,17 +228,17 @@ def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning
         assert float(rows[row["source"]]["confidence"]) == pytest.approx(float(row["confidence"]), abs=2e-3)
 
 
-def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(tmp_path):
+def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(tmp_path, run_here):
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
     args = [f"--data={folder}", f"--output_dir={output_dir}", "--encoder=small", "--holdout_images=6", *TINY]
-    trained = run_script(args, cwd=tmp_path)
+    trained = run_here(args, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     with open(output_dir / "clusters.csv", newline="") as file:
         learned = {row["source"]: row for row in csv.DictReader(file)}
     assert sorted(row["split"] for row in learned.values()).count("eval") == 6 and len(learned) == 30
 
-    assigned = run_script([*args, f"--assign_data={folder}"], cwd=tmp_path)
+    assigned = run_here([*args, f"--assign_data={folder}"], cwd=tmp_path)
     assert assigned.returncode == 0, assigned.stderr[-3000:]
     out = assigned.stdout
     assert not re.search(r"^Epoch \d", out, flags=re.MULTILINE)  # nothing trained
@@ -259,10 +259,10 @@ def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(
 
     # Settings that were never trained: one line that says which command trains them; nothing assigned.
     (output_dir / "assigned.csv").unlink()
-    untrained = run_script([*args, "--clustering_epochs=2", f"--assign_data={folder}"], cwd=tmp_path)
+    untrained = run_here([*args, "--clustering_epochs=2", f"--assign_data={folder}"], cwd=tmp_path)
     assert untrained.returncode == 2
     assert re.search(r"error: --assign_data: no finished clustering in .* matches these settings and data; train it "
                      r"first with the same command without --assign_data", untrained.stderr)  # fmt: skip
     assert not (output_dir / "assigned.csv").exists()
-    missing = run_script([*args, f"--assign_data={tmp_path / 'none'}"], cwd=tmp_path)
+    missing = run_here([*args, f"--assign_data={tmp_path / 'none'}"], cwd=tmp_path)
     assert missing.returncode == 2 and f"error: --assign_data={tmp_path / 'none'}: no such file" in missing.stderr
