@@ -19,8 +19,11 @@ are skipped and named; compilation uses no persistent cache, so the compile colu
 
 Run from the repository root:
 
-    KERAS_BACKEND=jax python benchmarks/bench.py                               # a GPU: rows start until 170 s have passed
-    python benchmarks/bench.py --images=2048 --batch_size=64 --steps=3         # a CPU: 3 steps of each, scaled
+    KERAS_BACKEND=jax python benchmarks/bench.py     # a GPU: rows start until 170 s have passed
+    python benchmarks/bench.py --images=2048 --representation_batch_size=64 --clustering_batch_size=64 \
+        --self_label_batch_size=64 --steps=3         # a CPU: 3 steps of each, scaled
+
+The batch sizes are the script's settings, under the script's names and with its defaults.
 """
 
 import argparse
@@ -40,20 +43,33 @@ from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss  # noqa: E4
 from scan.models import create_clustering_head, create_clustering_model, create_encoder  # noqa: E402
 from scan.neighbours import compute_embeddings, mine_neighbours  # noqa: E402
 from scan.self_labeling import SelfLabelLearner  # noqa: E402
+from scan.settings import UsageError, check_replaced_settings  # noqa: E402
 from scan.training import create_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (FLOP/s), by the device name JAX reports.
 PEAK_FLOPS = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12}
 
 
-def parse_arguments():
+BATCH_SIZES = ["representation_batch_size", "clustering_batch_size", "self_label_batch_size", "embedding_batch_size"]
+
+
+def parse_arguments(argv=None):
+    """The benchmark's arguments; the batch sizes take the script's names and defaults, and a setting of an earlier
+    version (--batch_size) is one error line naming what replaced it, as in the script."""
+    arguments = sys.argv[1:] if argv is None else argv
+    try:
+        check_replaced_settings(arguments, BATCH_SIZES)
+    except UsageError as error:
+        sys.exit(f"error: {error}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=60000, help="images per epoch (default 60000)")
-    parser.add_argument("--batch_size", type=int, default=512, help="images per training step (default 512)")
+    for name in BATCH_SIZES:
+        default = getattr(script, name.upper())
+        parser.add_argument(f"--{name}", type=int, default=default, help=f"as in the script (default {default})")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per row (default 0: one whole epoch)")
     parser.add_argument("--seconds", type=float, default=170, help="no row starts after this many seconds")
     parser.add_argument("--rows", default="all", help="comma-separated row keys (default all): " + ", ".join(ROWS))
-    return parser.parse_args()
+    return parser.parse_args(arguments)
 
 
 def forward_flops(encoder, size=32):
@@ -95,13 +111,11 @@ class Bench:
         self.log = CompilationLog()
         self.rows = hold_on_device(self.images, "auto")
 
-    def batches(self, **kwargs):
-        return RowBatches(
-            len(self.images), self.arguments.batch_size, 0, rows=None if self.rows else self.images, **kwargs
-        )
+    def batches(self, batch_size, **kwargs):
+        return RowBatches(len(self.images), batch_size, 0, rows=None if self.rows else self.images, **kwargs)
 
     def time_fit(self, model, batches, steps=None):
-        """(compile seconds, epoch seconds, timed steps): one step compiles, then `steps` timed steps (default
+        """(compile seconds, epoch seconds, "timed of all steps"): one step compiles, then `steps` timed steps (default
         `--steps`, 0 for the whole epoch), scaled to the epoch. Compile seconds are JAX's own count; on TensorFlow,
         the first step's seconds less a timed step's (its tracing: Keras keeps XLA off on a CPU)."""
         mark, started = self.log.mark(), time.perf_counter()
@@ -112,7 +126,7 @@ class Bench:
         model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0)
         step = (time.perf_counter() - started) / steps
         compiled = self.log.since(mark)["seconds"] if keras.backend.backend() == "jax" else first_step - step
-        return compiled, step * len(batches), steps
+        return compiled, step * len(batches), f"{steps} of {len(batches)}"
 
     def floor(self, flops_per_image, passes):
         """Seconds of one epoch at the device's peak: `passes` encoder passes per image (3 = forward and backward)."""
@@ -142,10 +156,10 @@ def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=F
         optimizer=create_optimizer("adamw", 1e-3, 1e-4, 1e-3), jit_compile=not tutorial_formulation and "auto"
     )
     if tutorial_formulation:
-        batches = RowBatches(len(bench.images), bench.arguments.batch_size, 0, rows=bench.images)
+        batches = RowBatches(len(bench.images), bench.arguments.representation_batch_size, 0, rows=bench.images)
         timing = bench.time_fit(learner, batches, min(bench.arguments.steps or 3, 3))
     else:
-        timing = bench.time_fit(learner, bench.batches())
+        timing = bench.time_fit(learner, bench.batches(bench.arguments.representation_batch_size))
     # Two views of each image, each forward and backward.
     return timing, bench.floor(forward_flops(encoder), 2 * 3)
 
@@ -163,7 +177,8 @@ def clustering(bench):
     learner.compile(optimizer=create_optimizer("adamw", 5e-4, 1e-4, 5e-4), loss=losses)
     neighbours = np.random.default_rng(1).integers(0, len(bench.images), size=(len(bench.images), 5))
     # Frozen encoder: one forward pass for each anchor and each of its 5 neighbours.
-    return bench.time_fit(learner, bench.batches(neighbour_indices=neighbours)), bench.floor(forward_flops(encoder), 6)
+    batches = bench.batches(bench.arguments.clustering_batch_size, neighbour_indices=neighbours)
+    return bench.time_fit(learner, batches), bench.floor(forward_flops(encoder), 6)
 
 
 def self_labeling(bench):
@@ -175,15 +190,16 @@ def self_labeling(bench):
     learner = SelfLabelLearner(model, None, create_data_augmentation("simclr", seed=11), 0.99, rows=bench.rows)
     learner.compile(optimizer=create_optimizer("adamw", 1e-4, 1e-4, 1e-4))
     # A forward pass of the image itself, forward and backward of the strong view.
-    return bench.time_fit(learner, bench.batches()), bench.floor(forward_flops(encoder), 1 + 3)
+    batches = bench.batches(bench.arguments.self_label_batch_size)
+    return bench.time_fit(learner, batches), bench.floor(forward_flops(encoder), 1 + 3)
 
 
 def embedding_and_mining(bench):
     keras.mixed_precision.set_global_policy(bench.precision)
     encoder = create_encoder("resnet50v2", 512)
     mark, started = bench.log.mark(), time.perf_counter()
-    features = compute_embeddings(encoder, bench.images, 500)
-    mine_neighbours(features, 5, 500)
+    features = compute_embeddings(encoder, bench.images, bench.arguments.embedding_batch_size)
+    mine_neighbours(features, 5, bench.arguments.embedding_batch_size)
     seconds = time.perf_counter() - started
     compiled = bench.log.since(mark)["seconds"] if keras.backend.backend() == "jax" else None
     return (compiled, seconds - (compiled or 0.0), None), bench.floor(forward_flops(encoder), 1)
@@ -210,7 +226,9 @@ def main():
     bench = Bench(arguments)
     print(
         f"Keras {keras.__version__}, backend {describe_devices(bench.gpus)}, {bench.precision}; "
-        f"{arguments.images} images, batch {arguments.batch_size}, images held "
+        f"{arguments.images} images, batches: "
+        + ", ".join(f"{name} {getattr(arguments, name)}" for name in BATCH_SIZES)
+        + ", images held "
         + ("on the device" if bench.rows else "on the host")
         + (f"; peak {bench.peak / 1e12:.0f} TFLOP/s bf16" if bench.peak else "; no peak known, so no floor")
     )
@@ -225,7 +243,7 @@ def main():
             continue
         (compiled, epoch, steps), floor = measure(bench)
         floor_cells = f"{floor:.2f} | {floor / epoch:.0%}" if floor else "n/a | n/a"
-        steps_cell = "one pass" if steps is None else f"{steps} of {len(bench.batches())}"
+        steps_cell = "one pass" if steps is None else steps
         compiled_cell = "n/a" if compiled is None else f"{compiled:.1f}"
         print(f"| {title} | {compiled_cell} | {epoch:.2f} | {floor_cells} | {steps_cell} |", flush=True)
     print(f"\nbenchmark: {time.perf_counter() - started:.0f} s in all")

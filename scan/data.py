@@ -66,21 +66,31 @@ def is_cifar10_batches_folder(path):
     return os.path.isfile(os.path.join(path, "data_batch_1")) or os.path.isfile(os.path.join(path, "test_batch"))
 
 
+def read_cifar10_pickle(path, kind, read):
+    """`read(the unpickled contents of path)`, a CIFAR-10 `kind` of file; any sign of a corrupt or truncated file is
+    one UsageError."""
+    try:
+        with open(path, "rb") as file:
+            return read(pickle.load(file, encoding="bytes"))
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError) as error:
+        raise UsageError(
+            f"{path} is truncated or not a CIFAR-10 {kind} ({type(error).__name__}); download it again"
+        ) from None
+
+
+def batch_arrays(batch):
+    """The images [n, 3, 32, 32] and labels [n] of an unpickled CIFAR-10 batch (its data: [n, 3072] uint8)."""
+    return np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"], np.int64)
+
+
 def load_cifar10_batches(folder):
-    """Loads the python-pickle CIFAR-10 batches of `folder` (data_batch_1..5, then test_batch if present)."""
+    """Loads the python-pickle CIFAR-10 batches of `folder` (data_batch_1..5, then test_batch if present), and the
+    class names of its batches.meta. The folder is trusted input: Python's pickle runs whatever code a file holds."""
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     images, labels, image_names = [], [], []
     for name in [name for name in names if os.path.isfile(os.path.join(folder, name))]:
         path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as file:
-                batch = pickle.load(file, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)  # [n, 3072] -> [n, 3, 32, 32]
-            batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as error:
-            raise UsageError(
-                f"{path} is truncated or not a CIFAR-10 batch ({type(error).__name__}); download it again"
-            ) from None
+        data, batch_labels = read_cifar10_pickle(path, "batch", batch_arrays)
         if len(batch_labels) != len(data):
             raise UsageError(f"{path} has {len(data)} images but {len(batch_labels)} labels; download it again")
         images.append(data.transpose(0, 2, 3, 1))  # [n, 3, 32, 32] -> [n, 32, 32, 3]
@@ -89,11 +99,17 @@ def load_cifar10_batches(folder):
     class_names = list(CIFAR10_CLASSES)
     meta_path = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta_path):
-        with open(meta_path, "rb") as file:
-            class_names = [name.decode() for name in pickle.load(file, encoding="bytes")[b"label_names"]]
-    return Dataset(
-        np.concatenate(images), np.concatenate(labels), class_names, f"cifar-10-batches-py folder {folder}", image_names
-    )
+        class_names = read_cifar10_pickle(
+            meta_path, "batches.meta", lambda meta: [name.decode() for name in meta[b"label_names"]]
+        )
+    labels = np.concatenate(labels)
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise UsageError(
+            f"{folder}: its batches have labels from {labels.min()} to {labels.max()}, but "
+            f"{'batches.meta names' if os.path.isfile(meta_path) else 'CIFAR-10 has'} {len(class_names)} classes; "
+            "download it again"
+        )
+    return Dataset(np.concatenate(images), labels, class_names, f"cifar-10-batches-py folder {folder}", image_names)
 
 
 def is_image_name(name):

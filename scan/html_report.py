@@ -121,7 +121,7 @@ def write_report(path, title, settings_line, scores, clusters, figures):
     write_bytes_atomically(path, report_page(title, settings_line, scores, clusters, figures, folder).encode())
 
 
-# The run's figures, in the order the page shows them below the clusters (those the run drew).
+# The run's figures, in the order the page shows them below the clusters (those this run drew).
 FIGURES = [
     "prototypes.png", "confusion_matrix_eval.png", "confusion_matrix_train.png", "augmentations.png",
     "representation_loss.png", "neighbours.png", "clustering_loss.png", "self_label_loss.png",
@@ -132,8 +132,8 @@ def write_run_page(output_dir, name, title, command, report, scores=None, sheets
     """Writes OUTPUT_DIR/`name` (report.html, assigned.html): the run's `command`, the `scores` of the evaluated
     split (split_metrics's, with "split"; no accuracy without labels), a card per cluster of `report`
     (report_clusters's: cluster sizes and, with labels, each cluster's majority label and accuracy) with its
-    contact sheet in the folder `sheets` (relative to OUTPUT_DIR; None: no sheets), then those of `figures` that
-    the run drew."""
+    contact sheet in the folder `sheets` (relative to OUTPUT_DIR; None: no sheets), then the `figures` this run
+    drew (file names in OUTPUT_DIR), in FIGURES' order: never one that an earlier run left there."""
     labelled = {cluster["cluster"]: cluster for cluster in report.get("clusters", [])}
     clusters = []
     for number, size in enumerate(report["cluster_sizes"]):
@@ -148,5 +148,5 @@ def write_run_page(output_dir, name, title, command, report, scores=None, sheets
         scores = {key: scores[key] for key in ("acc", "nmi", "ari", "images", "split")}
     else:
         scores = None
-    drawn = [figure for figure in figures if os.path.exists(os.path.join(output_dir, figure))]
+    drawn = sorted(figures, key=lambda figure: FIGURES.index(figure) if figure in FIGURES else len(FIGURES))
     write_report(os.path.join(output_dir, name), title, command, scores, clusters, drawn)

@@ -7,6 +7,7 @@ import io
 import math
 import os
 import re
+from contextlib import contextmanager
 
 import matplotlib
 import numpy as np
@@ -18,6 +19,7 @@ from scan.cache import cache_report
 from scan.files import save_json, write_bytes_atomically
 from scan.html_report import write_run_page
 from scan.metrics import assign_clusters, contingency_table, majority_label_report, split_metrics
+from scan.settings import UsageError
 from scan.sorting import sort_images
 
 matplotlib.use("Agg")  # Figures are saved as PNG files, so no display is needed.
@@ -240,8 +242,8 @@ def result_line(split, metrics, num_clusters):
 
 
 def write_metrics(run, data, representation, neighbours, clustering, self_labeling, analysis):
-    """Saves metrics.json from every stage's result, prints the stage times and the RESULT line; returns the
-    metrics."""
+    """Saves metrics.json from every stage's result and prints the stage times; returns the metrics. The RESULT line
+    follows the outputs written after it (`result_last`)."""
     metrics = {
         **analysis.report,
         "data": data.train.source,
@@ -269,16 +271,34 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
         print(f"compilation: {compile_seconds:.1f}s of them in all")
     print(cache_report(run.cache.folder, run.fingerprints, run.settings.prune_cache))  # The cache's size; --prune_cache
     print(f"figures and metrics.json are in {run.settings.output_dir}")
-    split, _ = data.evaluated()
-    print(result_line(split, analysis.splits[split], run.settings.num_clusters))
     return metrics
+
+
+@contextmanager
+def result_last(result):
+    """Runs the block that writes what a finished run leaves besides metrics.json (the table, the contact sheets,
+    the page, the sorting), then prints `result`, the RESULT line, as the last line, whether the block succeeded or
+    not. A failure for reasons outside the model (an OSError, a UsageError such as a full disk) becomes one
+    UsageError that says what failed and what is kept."""
+    try:
+        yield
+    except (OSError, UsageError) as error:
+        reason = error
+        if isinstance(error, OSError) and error.strerror:
+            reason = f"writing {error.filename} failed ({error.strerror})" if error.filename else error.strerror
+        raise UsageError(
+            f"{reason}; what the run computed is kept (the RESULT line, metrics.json and the stage cache): run the "
+            "same command again to write the rest from the cache"
+        ) from None
+    finally:
+        print(result)
 
 
 def save_assignments(settings, assigned, names, title, report, scores=None, figures=()):
     """What says where each image went: the table `names[0]` of every (split, Dataset, probabilities) of `assigned`
     (clusters.csv), the contact sheets of the first one's images in the folder `names[1]`, the page `names[2]`
-    (report.html: its cluster sizes and labels from `report`, the `scores`, the `figures`) and, with SORT_INTO, the
-    images laid out in one folder per cluster."""
+    (report.html: its cluster sizes and labels from `report`, the `scores`, the `figures` this run drew) and, with
+    SORT_INTO, the images laid out in one folder per cluster."""
     table, sheets, page = names
     save_cluster_table(assigned, os.path.join(settings.output_dir, table))
     _, dataset, probabilities = assigned[0]

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scan.backend import enable_compilation_cache
 from scan.cache import StageCache, stage_fingerprints
@@ -48,10 +48,18 @@ class Run:
     times: StageTimes
     cache: StageCache | None = None  # set by open_cache
     fingerprints: dict | None = None  # {stage: fingerprint}, set by open_cache
+    figures: list = field(default_factory=list)  # the file names of the figures this run drew, by figure_path
 
     def output_path(self, name):
-        """Where the output `name` (a figure, metrics.json) is written."""
+        """Where the output `name` (metrics.json, a table) is written."""
         return os.path.join(self.settings.output_dir, name)
+
+    def figure_path(self, name):
+        """Where the figure `name` is saved; notes it among this run's `figures`, which report.html shows (not
+        those an earlier run left in OUTPUT_DIR)."""
+        if name not in self.figures:
+            self.figures.append(name)
+        return self.output_path(name)
 
     def open_cache(self, data_digest, stage_settings):
         """Fingerprints every stage (STAGE_SETTINGS: `stage_settings`) and creates the cache folder, with the

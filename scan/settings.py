@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import re
+import sys
 
 from scan.models import ENCODER_MINIMUM_SIZES
 
@@ -51,6 +52,41 @@ ACTS_ONLY_WITH = {
     "feature_views": ("encoder_during_clustering", ["cached"]),
 }
 
+# The settings of earlier versions, as a command gave them ("=N": with any value), and what this version takes
+# instead: {earlier argument: (what became of it, what to do now)}. Each is one error line that names its
+# replacement; docs/settings.md, "Renamed and removed settings", is this table (a test checks that they agree).
+REPLACED_SETTINGS = {
+    "--batch_size=N": (
+        "was split", "use --representation_batch_size=N --clustering_batch_size=N --self_label_batch_size=N"
+    ),
+    "--embed_raw_pixels=true": ("became a value of --mining_features", "use --mining_features=tutorial"),
+    "--embed_raw_pixels=false": (
+        "became a value of --mining_features", "use --mining_features=encoder (or keep --mining_features=projection)"
+    ),
+    "--tune_encoder_during_clustering=true": (
+        "became a value of --encoder_during_clustering", "use --encoder_during_clustering=tuned"
+    ),
+    "--tune_encoder_during_clustering=false": (
+        "became a value of --encoder_during_clustering",
+        "use --encoder_during_clustering=frozen (or --encoder_during_clustering=cached)",
+    ),
+    "--cluster_on_features=true": (
+        "became a value of --encoder_during_clustering", "use --encoder_during_clustering=cached"
+    ),
+    "--cluster_on_features=false": (
+        "became a value of --encoder_during_clustering",
+        "use --encoder_during_clustering=frozen (or --encoder_during_clustering=tuned)",
+    ),
+    "--momentum=N": ("was removed", "leave it out; SGD's momentum is SCAN's 0.9"),
+    "--self_label_weak_view=N": (
+        "was removed", "leave it out; pseudo-labels come from the image itself, as in SCAN (its old default, none)"
+    ),
+    "--self_label_ema=N": ("was removed", "leave it out (what it measured: docs/experiments.md, Self-labeling)"),
+    "--steps_per_execution=N": ("was removed", "leave it out (what it measured: docs/experiments.md, Speed)"),
+    "--recipe=quick": ("was renamed", "use --recipe=cpu"),
+}  # fmt: skip
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
 
 def read_settings_block(source_text):
     """Returns `{NAME: comment}` for each `NAME = value  # comment` line between the settings markers."""
@@ -63,14 +99,43 @@ def parse_setting_value(name, text, default):
     if isinstance(default, str):
         return text
     if isinstance(default, bool):
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        if text.lower() in words:
-            return words[text.lower()]
+        if text.lower() in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[text.lower()]
         raise UsageError(f"--{name}={text}: expected true or false")
     try:
         return type(default)(text)
     except ValueError:
         raise UsageError(f"--{name}={text}: expected {type(default).__name__}, e.g. --{name}={default}") from None
+
+
+def replaced_setting_line(name, value, current_names):
+    """What to say of `--name=value` when it is a setting of an earlier version (REPLACED_SETTINGS), else None;
+    `current_names` are this version's settings, whose other values stay valid (--recipe=cpu)."""
+    word = str(BOOLEAN_WORDS[value.lower()]).lower() if value.lower() in BOOLEAN_WORDS else value
+    for key in (f"--{name}={word}", f"--{name}=N"):
+        if key in REPLACED_SETTINGS:
+            what, todo = REPLACED_SETTINGS[key]
+            return f"--{name}={value} {what} in this version: {todo.replace('=N', f'={value}')}"
+    earlier = [key for key in REPLACED_SETTINGS if key.partition("=")[0] == f"--{name}"]
+    if earlier and name not in current_names:
+        choices = "; ".join(f"for {key}, {REPLACED_SETTINGS[key][1]}" for key in earlier)
+        return f"--{name}={value} is a setting of an earlier version: {choices}"
+    return None
+
+
+def check_replaced_settings(arguments, current_names):
+    """Raises one UsageError that names what replaced each setting of an earlier version among `arguments` (given
+    as "--name=value", or as "--name value", which argparse takes too)."""
+    lines = []
+    for index, argument in enumerate(arguments):
+        name, given, value = argument.removeprefix("--").partition("=")
+        if not given and index + 1 < len(arguments) and not arguments[index + 1].startswith("--"):
+            value = arguments[index + 1]
+        line = argument.startswith("--") and replaced_setting_line(name, value or "N", current_names)
+        if line:
+            lines.append(line)
+    if lines:
+        raise UsageError("; ".join(lines))
 
 
 class _RaisingArgumentParser(argparse.ArgumentParser):
@@ -83,9 +148,11 @@ class _RaisingArgumentParser(argparse.ArgumentParser):
 def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data_holdout=10000):
     """Returns a namespace of lower-case settings: `defaults`, then the chosen recipe's, then `--name=value`.
 
-    A recipe's CIFAR-10 evaluation images (an EVAL_DATA among `cifar10_names`) apply to CIFAR-10 only: with DATA
-    the user's own images, and no --eval_data given, the recipe holds `own_data_holdout` of them out instead
-    (unless --holdout_images is given).
+    Of the two ways to choose the images evaluated, the one given on the command line wins over the other's value
+    from a recipe or a constant: --eval_data sets HOLDOUT_IMAGES to 0, --holdout_images EVAL_DATA to "" (both given:
+    validate_settings refuses them). A recipe's CIFAR-10 evaluation images (an EVAL_DATA among `cifar10_names`)
+    apply to CIFAR-10 only: with DATA the user's own images, and no --eval_data given, the recipe holds
+    `own_data_holdout` of them out instead (unless --holdout_images is given).
     """
     parser = _RaisingArgumentParser(
         prog="scan_cifar10.py",
@@ -100,7 +167,9 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
             help=f"{comments.get(name, '')} (default: {default})",
             metavar=type(default).__name__.upper(),
         )
-    texts = vars(parser.parse_args(argv))
+    arguments = sys.argv[1:] if argv is None else argv
+    check_replaced_settings(arguments, {name.lower() for name in defaults})
+    texts = vars(parser.parse_args(arguments))
     given = {name: parse_setting_value(name, text, defaults[name.upper()]) for name, text in texts.items()}
     settings = {name.lower(): value for name, value in defaults.items()}
     recipe = given.get("recipe", settings.get("recipe", "tutorial"))
@@ -110,6 +179,10 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
     settings.update(given)
     own_data = settings["data"] not in cifar10_names
     holdout_from_recipe = "holdout_images" not in given and "holdout_images" in recipes[recipe]
+    if given.get("eval_data") and "holdout_images" not in given:
+        settings["holdout_images"], holdout_from_recipe = 0, False
+    if given.get("holdout_images") and "eval_data" not in given:
+        settings["eval_data"] = ""
     if own_data and "eval_data" not in given and settings.get("eval_data") in cifar10_names:
         settings["eval_data"] = ""
         settings["holdout_images"] = given.get("holdout_images", own_data_holdout)
@@ -194,7 +267,10 @@ def check_combinations(settings, defaults):
             f"{settings.representation_epochs}; lower --warmup_epochs"
         )
     if settings.eval_data and settings.holdout_images:
-        raise UsageError("set either --eval_data or --holdout_images, not both (use --eval_data= to clear it)")
+        raise UsageError(
+            f"--eval_data={settings.eval_data} and --holdout_images={settings.holdout_images} both choose the images "
+            "evaluated: give one of them (--eval_data: other images; --holdout_images: images held out of --data)"
+        )
     if settings.sort_copies and not settings.sort_into:
         raise UsageError(
             "--sort_copies=true copies the images into --sort_into; name that folder, e.g. --sort_into=sorted"

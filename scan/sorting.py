@@ -4,6 +4,11 @@ Each folder holds a link to each of its photos: a hard link where the target is 
 symbolic link (to the photo's absolute path), a copy only when asked. Photos inside a .zip/.tar(.gz) archive have no
 file to link to, so they are extracted. The target folder gets a marker file listing what was made, so a later
 sorting replaces the layout (and only it), and deleting the target folder undoes everything.
+
+Nothing is written in place: the layout is built in a hidden folder beside the target (`.scan-sorting-PID`, on the
+same disk, so hard links behave the same), then renamed into place; a sorting that fails (a full disk) removes it
+and leaves the target as it was (a killed one leaves that folder, which can be deleted). Every name is checked (at most NAME_MAX bytes), and the target must lie outside the
+data it sorts, before anything is written.
 """
 
 import collections
@@ -18,14 +23,15 @@ import time
 import zipfile
 from typing import NamedTuple
 
-from scan.data import ARCHIVE_EXTENSIONS, CORRUPT_ARCHIVE_ERRORS, archive_error
+from scan.data import ARCHIVE_EXTENSIONS, CIFAR10_SPLITS, CORRUPT_ARCHIVE_ERRORS, archive_error
 from scan.settings import UsageError
 
 MARKER_NAME = ".scan-sorted"
 MARKER_MAKER = "scan sort_into_folders"
 FOLDER_PATTERN = re.compile(r"cluster-\d+")
 LINK_FALLBACK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
-NAME_MAX = 255  # bytes of a file name on common file systems
+NAME_MAX = 255  # bytes of a file or folder name on common file systems
+BUILDING_PREFIX = ".scan-sorting-"  # the hidden folder beside the target where a layout is built, then renamed
 KINDS = {  # the ways a photo is laid out: (singular, plural) for the summary line
     "hard_links": ("hard link", "hard links"),
     "symbolic_links": ("symbolic link", "symbolic links"),
@@ -133,6 +139,41 @@ def inside(path, folder):
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
+def check_target_outside(target, inputs):
+    """Raises UsageError when `target` lies inside a folder or archive that the run reads (`inputs`: {setting: its
+    value}, CIFAR-10's names aside): the next run would read the sorted photos as new ones."""
+    for setting, path in inputs.items():
+        if path and path not in CIFAR10_SPLITS and os.path.exists(path) and inside(target, path):
+            raise UsageError(
+                f"--sort_into={target} lies inside --{setting}={path}: the next run would read the sorted photos as "
+                "new ones; choose a folder outside it"
+            )
+
+
+def name_bytes(name):
+    """The length of a file or folder name in bytes, as the file system stores it."""
+    return len(os.fsencode(name))
+
+
+def check_name_lengths(target, sources):
+    """Raises UsageError for a folder name of `target`, or a file name of one of the photos `sources`, longer than
+    NAME_MAX bytes: it could not be written (unique_names keeps the names it makes within NAME_MAX)."""
+    for part in os.path.abspath(target).split(os.sep):
+        if name_bytes(part) > NAME_MAX:
+            raise UsageError(
+                f"--sort_into={target}: the folder name {part[:40]}... is {name_bytes(part)} bytes, more than the "
+                f"{NAME_MAX} a file system takes; choose a shorter one"
+            )
+    for source in sources:
+        name = re.split(r"[/\\]", source[1])[-1] if is_member(source) else os.path.basename(source)
+        if name_bytes(name) > NAME_MAX:
+            where = f"{source[0]}: member {source[1][:60]!r}..." if is_member(source) else f"{source[:60]}..."
+            raise UsageError(
+                f"{where} has a file name of {name_bytes(name)} bytes, more than the {NAME_MAX} a file system takes; "
+                "rename it to sort it (nothing was sorted)"
+            )
+
+
 def check_sources(target, sources):
     """Raises UsageError for a photo that no longer exists, or a photo or archive inside the target (which sorting
     would replace)."""
@@ -169,18 +210,25 @@ def unique_names(sources, root):
     names = []
     for part in parts:
         long_name = "_".join(part)
-        fits = len(long_name.encode()) <= NAME_MAX
+        fits = name_bytes(long_name) <= NAME_MAX
         names.append(part[-1] if shared[part[-1].casefold()] == 1 or not fits else long_name)
     taken, unique = set(), []
     for name in names:
         candidate, number = name, 1
         while candidate.casefold() in taken:
             number += 1
-            stem, extension = os.path.splitext(name)
-            candidate = f"{stem}-{number}{extension}"
+            candidate = numbered_name(name, number)
         taken.add(candidate.casefold())
         unique.append(candidate)
     return unique
+
+
+def numbered_name(name, number):
+    """`name` with `-number` before its extension, its stem cut short where the name would pass NAME_MAX bytes."""
+    stem, extension = os.path.splitext(name)
+    while stem and name_bytes(f"{stem}-{number}{extension}") > NAME_MAX:
+        stem = stem[:-1]
+    return f"{stem}-{number}{extension}"
 
 
 def plan_layout(assignments):
@@ -247,16 +295,17 @@ def check_target(target):
     return folders, files
 
 
-def clear_target(target):
-    """Makes `target` ready for a layout (check_target), removing an earlier sorting's layout: only what its
-    marker lists."""
-    folders, files = check_target(target)
+def remove_layout(folder):
+    """Deletes an earlier sorting's layout, `folder`: only what its marker lists, then the marker and the folder."""
+    folders, files = check_target(folder)
     for path in sorted(files):
-        if os.path.lexists(os.path.join(target, path)):
-            os.remove(os.path.join(target, path))
-    for folder in sorted(folders):
-        if os.path.isdir(os.path.join(target, folder)):
-            os.rmdir(os.path.join(target, folder))
+        if os.path.lexists(os.path.join(folder, path)):
+            os.remove(os.path.join(folder, path))
+    for name in sorted(folders):
+        if os.path.isdir(os.path.join(folder, name)):
+            os.rmdir(os.path.join(folder, name))
+    os.remove(os.path.join(folder, MARKER_NAME))
+    os.rmdir(folder)
 
 
 def write_marker(target, placements):
@@ -337,23 +386,19 @@ def check_sortable(target, sources):
             members[source[0]].add(source[1])
     offsets = check_archives(members)
     check_target(target)
+    check_name_lengths(target, sources)
     return offsets
 
 
-def sort_into_folders(target, assignments, copy=False):
-    """Lays out the photos of `assignments` [(cluster number, source)], a source being a photo's path or
-    (archive path, member name), in one folder per cluster under `target` (see the module's docstring). Everything
-    is checked (the photos, the archives' members, the target) before anything is written; returns a SortedLayout."""
-    offsets = check_sortable(target, [source for _, source in assignments])
-    placements = plan_layout(assignments)
-    clear_target(target)
-    os.makedirs(target, exist_ok=True)
-    write_marker(target, placements)
+def build_layout(folder, placements, offsets, copy):
+    """Lays the photos of `placements` out in the empty folder `folder`, the marker first; `offsets` are what
+    check_archives returned. Returns how many photos were laid out each way ({kind of KINDS: count})."""
+    write_marker(folder, placements)
     kinds = dict.fromkeys(KINDS, 0)
     extracted = collections.defaultdict(lambda: collections.defaultdict(list))
     for placement in placements:
-        os.makedirs(os.path.join(target, placement.folder), exist_ok=True)
-        destination = os.path.join(target, placement.folder, placement.name)
+        os.makedirs(os.path.join(folder, placement.folder), exist_ok=True)
+        destination = os.path.join(folder, placement.folder, placement.name)
         if is_member(placement.source):
             extracted[placement.source[0]][placement.source[1]].append(destination)
             kinds["extracted"] += 1
@@ -361,6 +406,45 @@ def sort_into_folders(target, assignments, copy=False):
             kinds[place_photo(placement.source, destination, copy)] += 1
     for archive_path, destinations in extracted.items():
         extract_members(archive_path, destinations, offsets[archive_path])
+    return kinds
+
+
+def put_in_place(building, target):
+    """Renames the layout built in `building` to `target`: over an empty (or missing) target folder, or, where an
+    earlier sorting's layout is, after renaming that aside; the earlier layout is then deleted."""
+    if os.path.isdir(target) and os.listdir(target):
+        earlier = f"{building}-earlier"
+        os.rename(target, earlier)
+        os.rename(building, target)
+        remove_layout(earlier)
+        return
+    if os.path.isdir(target):
+        os.rmdir(target)
+    os.rename(building, target)
+
+
+def sort_into_folders(target, assignments, copy=False):
+    """Lays out the photos of `assignments` [(cluster number, source)], a source being a photo's path or
+    (archive path, member name), in one folder per cluster under `target` (see the module's docstring). Everything
+    is checked (the photos, the archives' members, the names, the target) before anything is written; the layout is
+    built beside the target and renamed into place. Returns a SortedLayout."""
+    offsets = check_sortable(target, [source for _, source in assignments])
+    placements = plan_layout(assignments)
+    parent = os.path.dirname(os.path.abspath(target))
+    building = os.path.join(parent, f"{BUILDING_PREFIX}{os.getpid()}")
+    os.makedirs(parent, exist_ok=True)
+    os.mkdir(building)
+    try:
+        kinds = build_layout(building, placements, offsets, copy)
+    except BaseException as error:
+        shutil.rmtree(building)
+        if isinstance(error, OSError):
+            raise UsageError(
+                f"sorting into {target} stopped ({error.strerror or error}); nothing of it was written, {target} is "
+                "as it was"
+            ) from None
+        raise
+    put_in_place(building, target)
     return SortedLayout(len(placements), len({placement.folder for placement in placements}), kinds)
 
 

@@ -3,7 +3,9 @@ The cases run the command's own path in this process (`run_as_command(main)`), t
 unknown KERAS_BACKEND, a download into an empty Keras home) as a user runs the script."""
 
 import os
+import pickle
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -41,6 +43,28 @@ def truncated_archive(tmp_path):
     )
     data = open(archive, "rb").read()
     open(archive, "wb").write(data[: len(data) // 2])
+    return [f"--data={archive}"]
+
+
+def cifar_batches_with_meta(tmp_path, meta):
+    """A cifar-10-batches-py folder of one good batch (labels 0 and 1) and a batches.meta file of bytes `meta`."""
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    write_cifar_batch(root / "data_batch_1", np.zeros((20, 3, 32, 32), np.uint8), [0, 1] * 10)
+    (root / "batches.meta").write_bytes(meta)
+    return [f"--data={root}"]
+
+
+def photo_archive(tmp_path, *extra_names):
+    """--data: a zip of 24 photos in one top folder, and members `extra_names` (more photos) beside them."""
+    folder = make_image_folder(tmp_path / "photos", num_classes=3, per_class=8, labelled=False)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as packed:
+        for name in sorted(os.listdir(folder)):
+            packed.write(os.path.join(folder, name), f"photos/{name}")
+        for name in extra_names:
+            packed.write(os.path.join(folder, "c0_000.png"), f"photos/{name}")
+    shutil.rmtree(folder)
     return [f"--data={archive}"]
 
 
@@ -113,6 +137,47 @@ CASES = {
         lambda tmp: good_folder(tmp, "--encoder=small", "--view_size=4"),
         {},
         "--view_size=4: the small encoder needs images of at least 8x8",
+    ),
+    "removed setting": (
+        lambda tmp: good_folder(tmp, "--batch_size=64"),
+        {},
+        "--batch_size=64 was split in this version: use --representation_batch_size=64 --clustering_batch_size=64 "
+        "--self_label_batch_size=64",
+    ),
+    "eval data and holdout both given": (
+        lambda tmp: good_folder(tmp, "--recipe=cpu", f"--eval_data={tmp / 'data'}", "--holdout_images=5"),
+        {},
+        "both choose the images evaluated: give one of them",
+    ),
+    "sort target inside the data": (
+        lambda tmp: good_folder(tmp, f"--sort_into={tmp / 'data' / 'sorted'}"),
+        {},
+        "lies inside --data=",
+    ),
+    "sort target inside the archive": (
+        lambda tmp: [*photo_archive(tmp), f"--sort_into={tmp / 'photos.zip' / 'sorted'}"],
+        {},
+        "/photos.zip/sorted lies inside --data=",
+    ),
+    "photo name too long to sort": (
+        lambda tmp: [*photo_archive(tmp, "é" * 150 + ".png"), f"--sort_into={tmp / 'sorted'}"],
+        {},
+        "has a file name of 304 bytes, more than the 255 a file system takes; rename it to sort it",
+    ),
+    "sort target name too long": (
+        lambda tmp: good_folder(tmp, f"--sort_into={tmp / ('s' * 300)}"),
+        {},
+        "is 300 bytes, more than the 255 a file system takes; choose a shorter one",
+    ),
+    "corrupt batches.meta": (
+        lambda tmp: cifar_batches_with_meta(tmp, b"\x80\x04 not a pickle"),
+        {},
+        "batches.meta is truncated or not a CIFAR-10 batches.meta",
+    ),
+    "batches.meta without the batches' classes": (
+        lambda tmp: cifar_batches_with_meta(tmp, pickle.dumps({b"label_names": [b"airplane"]})),
+        {},
+        "its batches have labels from 0 to 1, but batches.meta names 1 classes",
     ),
     "feature views of a tuned encoder": (
         lambda tmp: good_folder(tmp, "--encoder_during_clustering=tuned", "--feature_views=2"),

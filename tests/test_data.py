@@ -1,6 +1,7 @@
 """Each data source on tiny generated files."""
 
 import os
+import pickle
 import re
 import shutil
 import tarfile
@@ -75,6 +76,8 @@ def test_cifar10_batches_folder(tmp_path):
 def test_cifar10_batches_max_images_is_a_seeded_subset(tmp_path):
     images = np.arange(20 * 3072, dtype=np.uint32).astype(np.uint8).reshape(20, 3, 32, 32)
     write_cifar_batch(tmp_path / "data_batch_1", images, list(range(20)))
+    with open(tmp_path / "batches.meta", "wb") as file:  # 20 classes, so that each image's label is its index
+        pickle.dump({b"label_names": [f"image {index}".encode() for index in range(20)]}, file)
     first = load_dataset(str(tmp_path), input_size=32, max_images=7, seed=3)
     again = load_dataset(str(tmp_path), input_size=32, max_images=7, seed=3)
     other = load_dataset(str(tmp_path), input_size=32, max_images=7, seed=4)

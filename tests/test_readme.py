@@ -8,7 +8,7 @@ import pytest
 import scan_cifar10 as script
 from conftest import REPO, SCRIPT
 from scan.data import CIFAR10_SPLITS
-from scan.settings import parse_settings, read_settings_block, validate_settings
+from scan.settings import REPLACED_SETTINGS, parse_settings, read_settings_block, validate_settings
 
 README = open(os.path.join(REPO, "README.md")).read()
 COMMENTS = read_settings_block(open(SCRIPT).read())
@@ -36,6 +36,16 @@ COMMANDS = sorted(
         )
     )
 )
+
+
+def test_the_renamed_settings_table_is_the_parsers():
+    settings_page = open(os.path.join(REPO, "docs", "settings.md")).read()
+    section = settings_page.split("\n## Renamed and removed settings\n", 1)[1]
+    lines = section[section.index("\n| ") + 1 :].split("\n\n", 1)[0].splitlines()
+    assert lines[:2] == ["| earlier versions | in this version | what to do |", "| --- | --- | --- |"]
+    code = lambda text: re.sub(r"(--[a-z_]+(?:=[^\s)]+)?)", r"`\1`", text)  # noqa: E731  (each setting as code)
+    expected = [f"| `{earlier}` | {code(what)} | {code(todo)} |" for earlier, (what, todo) in REPLACED_SETTINGS.items()]
+    assert lines[2:] == expected, "\n".join(expected)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -10,7 +10,14 @@ import scan_cifar10 as script
 from conftest import SCRIPT, make_image_folder, run_script
 from scan.data import CIFAR10_SPLITS, holdout_count
 from scan.run import Run
-from scan.settings import UsageError, parse_settings, read_settings_block, validate_against_data, validate_settings
+from scan.settings import (
+    REPLACED_SETTINGS,
+    UsageError,
+    parse_settings,
+    read_settings_block,
+    validate_against_data,
+    validate_settings,
+)
 
 DEFAULTS = {"NUM_CLUSTERS": 20, "TEMPERATURE": 0.1, "L2_NORMALIZE": False, "DATA": "cifar10"}
 COMMENTS = {"NUM_CLUSTERS": "number of clusters", "TEMPERATURE": "softmax temperature"}
@@ -97,13 +104,14 @@ def test_bad_overrides_raise_a_usage_error(argument, message):
         parse_settings([argument], DEFAULTS, COMMENTS, RECIPES)
 
 
+COMMENTS_OF_SCRIPT = read_settings_block(open(SCRIPT).read())
+DEFAULTS_OF_SCRIPT = {name: getattr(script, name) for name in COMMENTS_OF_SCRIPT}
+
+
 def script_settings(argv):
     """The script's own settings, parsed and validated as main() does."""
-    with open(SCRIPT) as file:
-        comments = read_settings_block(file.read())
-    defaults = {name: getattr(script, name) for name in comments}
-    settings = parse_settings(argv, defaults, comments, script.RECIPES)
-    validate_settings(settings, defaults)
+    settings = parse_settings(argv, DEFAULTS_OF_SCRIPT, COMMENTS_OF_SCRIPT, script.RECIPES)
+    validate_settings(settings, DEFAULTS_OF_SCRIPT)
     return settings
 
 
@@ -136,8 +144,6 @@ def script_settings(argv):
         ("--checkpoint_seconds=-5", "--checkpoint_seconds=-5: must be 0 (save every epoch) or more"),
         ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
         ("--strong_augmentation=simclr", "--strong_augmentation=simclr: choose one of augmentation, scan"),
-        ("--self_label_ema=0.9", "unrecognized arguments: --self_label_ema=0.9"),  # removed settings
-        ("--batch_size=64", "unrecognized arguments: --batch_size=64"),
         ("--self_label_guard=maybe", "--self_label_guard=maybe: expected true or false"),
     ],
 )
@@ -146,11 +152,79 @@ def test_impossible_settings_are_rejected(argument, message):
         script_settings(argument.split())
 
 
-def test_eval_data_and_holdout_exclude_each_other():
-    with pytest.raises(UsageError, match="set either --eval_data or --holdout_images"):
+def test_eval_data_and_holdout_given_together_are_one_error_line():
+    with pytest.raises(UsageError) as error:
         script_settings(["--eval_data=cifar10-test", "--holdout_images=10"])
-    # The scan recipe sets eval_data; a holdout then needs eval_data cleared.
+    assert str(error.value) == (
+        "--eval_data=cifar10-test and --holdout_images=10 both choose the images evaluated: give one of them "
+        "(--eval_data: other images; --holdout_images: images held out of --data)"
+    )
+    with pytest.raises(UsageError, match="both choose the images evaluated"):
+        script_settings(["--recipe=cpu", "--eval_data=path/to/test", "--holdout_images=10"])
+
+
+def test_the_evaluation_given_on_the_command_line_wins_over_the_recipes():
+    # The cpu recipe holds 10,000 images out; a given --eval_data evaluates those images instead.
+    given = script_settings(["--recipe=cpu", "--eval_data=path/to/test"])
+    assert (given.eval_data, given.holdout_images, given.holdout_share) == ("path/to/test", 0, 0.0)
+    # The scan recipe evaluates on CIFAR-10's test images; a given --holdout_images holds training images out instead.
+    held_out = script_settings(["--recipe=scan", "--holdout_images=10"])
+    assert (held_out.eval_data, held_out.holdout_images, held_out.holdout_share) == ("", 10, 0.0)
     assert script_settings(["--recipe=scan", "--eval_data=", "--holdout_images=10"]).holdout_images == 10
+
+
+def test_a_recipe_with_a_given_eval_data_evaluates_those_images_and_says_so(tmp_path, capsys):
+    train = make_image_folder(tmp_path / "train", num_classes=2, per_class=10)
+    test = make_image_folder(tmp_path / "test", num_classes=2, per_class=3)
+    settings = parse_settings(
+        ["--recipe=cpu", f"--data={train}", f"--eval_data={test}", "--k_neighbours=3", "--num_clusters=2"],
+        *(DEFAULTS_OF_SCRIPT, COMMENTS_OF_SCRIPT, script.RECIPES, tuple(CIFAR10_SPLITS)),
+    )
+    validate_settings(settings, DEFAULTS_OF_SCRIPT)
+    data = script.prepare_data(Run(settings, gpus=[], num_devices=1, times=None))
+    assert (len(data.train.images), len(data.eval.images)) == (20, 6)  # all of DATA trained on, EVAL_DATA evaluated
+    assert data.eval.names == [f"class_{c}/c{c}_{i:03d}.png" for c in range(2) for i in range(3)]
+    printed = capsys.readouterr().out
+    assert f"evaluation data: image folder {test} (never trained on)" in printed and "holding out" not in printed
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--batch_size=64"], "--batch_size=64 was split in this version: use --representation_batch_size=64 "
+         "--clustering_batch_size=64 --self_label_batch_size=64"),
+        (["--cluster_on_features=true"], "--cluster_on_features=true became a value of --encoder_during_clustering "
+         "in this version: use --encoder_during_clustering=cached"),
+        (["--tune_encoder_during_clustering=1"], "--tune_encoder_during_clustering=1 became a value of "
+         "--encoder_during_clustering in this version: use --encoder_during_clustering=tuned"),
+        (["--embed_raw_pixels=True"], "--embed_raw_pixels=True became a value of --mining_features in this version: "
+         "use --mining_features=tutorial"),
+        (["--self_label_ema", "0.9"], "--self_label_ema=0.9 was removed in this version: leave it out (what it "
+         "measured: docs/experiments.md, Self-labeling)"),
+        (["--recipe=quick"], "--recipe=quick was renamed in this version: use --recipe=cpu"),
+        (["--cluster_on_features=maybe"], "--cluster_on_features=maybe is a setting of an earlier version: for "
+         "--cluster_on_features=true, use --encoder_during_clustering=cached; for --cluster_on_features=false, use "
+         "--encoder_during_clustering=frozen (or --encoder_during_clustering=tuned)"),
+        (["--momentum=0.8", "--num_clusters=5", "--steps_per_execution=4"], "--momentum=0.8 was removed in this "
+         "version: leave it out; SGD's momentum is SCAN's 0.9; --steps_per_execution=4 was removed in this version: "
+         "leave it out (what it measured: docs/experiments.md, Speed)"),
+    ],
+)  # fmt: skip
+def test_a_removed_setting_is_one_line_that_names_what_replaced_it(arguments, message):
+    with pytest.raises(UsageError) as error:
+        script_settings(arguments)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("earlier", list(REPLACED_SETTINGS))
+def test_every_setting_of_an_earlier_version_is_refused_with_what_to_do(earlier):
+    argument = earlier.replace("=N", "=7")
+    with pytest.raises(UsageError) as error:
+        script_settings([argument])
+    message = str(error.value)
+    assert message.startswith(f"{argument} ") and " in this version: " in message and "\n" not in message
+    for name in re.findall(r"--([a-z_]+)=", message.partition(" in this version: ")[2]):  # what it names exists
+        assert name.upper() in DEFAULTS_OF_SCRIPT, name
 
 
 def test_settings_that_the_data_cannot_satisfy_are_rejected():
@@ -318,6 +392,8 @@ def test_settings_that_act_with_the_others_given_are_accepted():
     assert script_settings(["--clustering_loss=scan", "--entropy_loss_weight=2"]).entropy_loss_weight == 2.0
 
 
-def test_the_old_recipe_name_quick_is_gone():
-    with pytest.raises(UsageError, match=r"^--recipe=quick: choose one of tutorial, scan, cpu, gpu$"):
+def test_the_old_recipe_name_quick_names_its_successor():
+    with pytest.raises(UsageError, match=r"^--recipe=quick was renamed in this version: use --recipe=cpu$"):
         script.main(["--recipe=quick"])
+    with pytest.raises(UsageError, match=r"^--recipe=fast: choose one of tutorial, scan, cpu, gpu$"):
+        script.main(["--recipe=fast"])

@@ -283,3 +283,82 @@ def test_malicious_archives_are_refused_before_anything_is_written(kind, library
     assert not (tmp_path / "archives" / "deep").exists()
     assert sorted(os.listdir(tmp_path / "archives")) == [os.path.basename(archive)]
     assert not (tmp_path / "evil.jpg").exists() and not (tmp_path / "archives" / "abs.jpg").exists()
+
+
+def test_a_sorting_that_fails_midway_leaves_the_earlier_layout_as_it_was(library, tmp_path, monkeypatch):
+    target = tmp_path / "sorted"
+    sorting.sort_into_folders(str(target), [(index % NUM_CLUSTERS, path) for index, path in enumerate(library)])
+    before, entries = layout(target), sorted(os.walk(target))
+    placed = []
+
+    def disk_fills_up(source, destination, copy):
+        if len(placed) == 3:  # three photos laid out, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), destination)
+        shutil.copy(source, destination)
+        placed.append(destination)
+        return "copies"
+
+    monkeypatch.setattr(sorting, "place_photo", disk_fills_up)
+    with pytest.raises(UsageError) as error:
+        sorting.sort_into_folders(str(target), [(1, path) for path in library])
+    assert str(error.value) == (
+        f"sorting into {target} stopped (No space left on device); nothing of it was written, {target} is as it was"
+    )
+    assert all(not os.path.exists(path) for path in placed)  # built beside the target, then removed
+    assert layout(target) == before and sorted(os.walk(target)) == entries
+    assert sorted(os.listdir(tmp_path)) == ["photos", "sorted"]
+
+
+def test_a_sorting_into_a_new_folder_that_fails_leaves_nothing(library, tmp_path, monkeypatch):
+    def disk_full(source, destination, copy):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), destination)
+
+    monkeypatch.setattr(sorting, "place_photo", disk_full)
+    with pytest.raises(UsageError, match=r"stopped \(No space left on device\)"):
+        sorting.sort_into_folders(str(tmp_path / "new" / "sorted"), [(0, path) for path in library])
+    assert os.listdir(tmp_path / "new") == [] and sorted(os.listdir(tmp_path)) == ["new", "photos"]
+
+
+def test_a_name_longer_than_a_file_system_takes_is_refused_before_anything_is_written(tmp_path):
+    long_name = "é" * 150 + ".jpg"  # 154 characters, 304 bytes in UTF-8
+    archive = str(tmp_path / "photos.zip")
+    make_zip(archive, {"photos/short.jpg": jpeg_bytes(1), f"photos/{long_name}": jpeg_bytes(2)})
+    target = tmp_path / "sorted"
+    with pytest.raises(UsageError, match="has a file name of 304 bytes, more than the 255 a file system takes"):
+        sorting.sort_into_folders(
+            str(target), [(0, (archive, "photos/short.jpg")), (1, (archive, f"photos/{long_name}"))]
+        )
+    assert os.listdir(tmp_path) == ["photos.zip"]
+    with pytest.raises(UsageError, match="the folder name s+... is 300 bytes, more than the 255"):
+        sorting.sort_into_folders(str(tmp_path / ("s" * 300) / "sorted"), [(0, (archive, "photos/short.jpg"))])
+    assert os.listdir(tmp_path) == ["photos.zip"]
+
+
+def test_numbered_names_are_cut_to_fit_the_file_system(tmp_path):
+    # Two 255-byte names that differ only in case, in folders whose names cannot be joined to them within 255 bytes.
+    stems = ["A" * 251, "a" * 251]
+    sources = [str(tmp_path / "one" / f"{stems[0]}.jpg"), str(tmp_path / "two" / f"{stems[1]}.jpg")]
+    first, second = sorting.unique_names(sources, str(tmp_path))
+    assert first == f"{stems[0]}.jpg" and second == "a" * 249 + "-2.jpg"
+    for path, name in zip(sources, (first, second), strict=True):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").write(jpeg_bytes(len(name)))
+    target = tmp_path / "sorted"
+    sorting.sort_into_folders(str(target), [(0, path) for path in sources])
+    assert sorted(os.listdir(target / "cluster-00")) == sorted([first, second])
+
+
+def test_a_target_inside_the_data_it_sorts_is_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos.zip").write_bytes(b"")
+    inputs = {"data": str(tmp_path / "photos"), "eval_data": "", "assign_data": str(tmp_path / "photos.zip")}
+    for target, setting in [("photos/sorted", "data"), ("photos", "data"), ("photos.zip/sorted", "assign_data")]:
+        with pytest.raises(UsageError) as error:
+            sorting.check_target_outside(str(tmp_path / target), inputs)
+        assert str(error.value) == (
+            f"--sort_into={tmp_path / target} lies inside --{setting}={inputs[setting]}: the next run would read the "
+            "sorted photos as new ones; choose a folder outside it"
+        )
+    sorting.check_target_outside(str(tmp_path / "sorted"), inputs)  # beside the photos: accepted
+    (tmp_path / "cifar10").mkdir()  # a folder named as CIFAR-10's download is not what --data=cifar10 reads
+    sorting.check_target_outside(str(tmp_path / "cifar10" / "sorted"), {"data": "cifar10"})
