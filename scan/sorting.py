@@ -70,7 +70,7 @@ def unsafe_name_reason(name):
 
 def refuse_member(archive, name, reason):
     """The UsageError that refuses member `name` of `archive` for `reason`."""
-    return UsageError(f"{archive}: member {name!r} {reason}; refusing to extract it (nothing was written)")
+    return UsageError(f"{archive}: member '{name}' {reason}; refusing to extract it (nothing was written)")
 
 
 def check_zip_members(archive_path, names):
@@ -169,7 +169,7 @@ def unique_names(sources, root):
     names = []
     for part in parts:
         long_name = "_".join(part)
-        fits = len(long_name.encode()) <= NAME_MAX
+        fits = len(os.fsencode(long_name)) <= NAME_MAX
         names.append(part[-1] if shared[part[-1].casefold()] == 1 or not fits else long_name)
     taken, unique = set(), []
     for name in names:
