@@ -24,8 +24,9 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
-# What zipfile and tarfile raise for a corrupt or truncated archive; reading one also meets OSError.
-CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)
+# What zipfile and tarfile raise for a corrupt or truncated archive (or a zip member name flagged UTF-8 that is
+# not); reading one also meets OSError.
+CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError)
 
 
 class Dataset(NamedTuple):
