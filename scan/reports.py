@@ -292,7 +292,7 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
         compile_seconds = sum(compiled["seconds"] for compiled in times.compilations.values())
         print(f"compilation: {compile_seconds:.1f}s of them in all")
     print(cache_report(run.cache.folder, run.fingerprints, run.settings.prune_cache))  # The cache's size; --prune_cache
-    print(f"figures and metrics.json are in {run.settings.output_dir}")
+    print(f"figures and metrics.json are in {display_name(run.settings.output_dir)}")
     split, _ = data.evaluated()
     print(result_line(split, analysis.splits[split], run.settings.num_clusters))
     return metrics

@@ -170,7 +170,7 @@ def restore_checkpoint(model, backup_dir):
         model.load_weights(os.path.join(backup_dir, state["weights"]))
     except Exception as error:  # noqa: BLE001  (whatever broke the checkpoint, the stage starts again)
         print(
-            f"warning: discarding unreadable checkpoint {backup_dir} ({type(error).__name__}); starting the stage again"
+            f"warning: discarding unreadable checkpoint {display_name(backup_dir)} ({type(error).__name__}); starting the stage again"
         )
         shutil.rmtree(backup_dir)
         return 0, {}
@@ -209,7 +209,7 @@ def train(
     )
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
-        print(f"{stage}: resuming after epoch {first_epoch} of {epochs} (from {backup_dir})")
+        print(f"{stage}: resuming after epoch {first_epoch} of {epochs} (from {display_name(backup_dir)})")
     checkpoint = EpochCheckpoint(backup_dir, history, checkpoint_seconds, termination)
     callbacks = [keras.callbacks.TerminateOnNaN(), *callbacks, checkpoint]
     synchronize_batch_normalization(model)
