@@ -80,6 +80,7 @@ from scan.data import CIFAR10_SPLITS, load_assign_data, load_splits
 from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss, nt_xent_loss, tutorial_contrastive_loss
 from scan.metrics import assign_clusters, split_metrics
 from scan.models import create_encoder, create_projection_head
+from scan.names import display_name
 from scan.neighbours import compute_embeddings, mine_neighbours, mining_embedder, monitor_knn_accuracy, neighbour_purity
 from scan.reports import (
     evaluate_split,
@@ -275,12 +276,12 @@ def prepare_data(run):
     whole_batches = math.ceil(len(dataset.images) / run.num_devices) * run.num_devices
     settings.embedding_batch_size = min(settings.embedding_batch_size, whole_batches)
     x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
-    print(f"data: {dataset.source}")
+    print(f"data: {display_name(dataset.source)}")
     print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
     if classes is not None:
-        print(f"{len(classes)} classes: {', '.join(classes)}")
+        print(f"{len(classes)} classes: {', '.join(display_name(name) for name in classes)}")
     if eval_set is not None:
-        print(f"evaluation data: {eval_set.source} (never trained on)")
+        print(f"evaluation data: {display_name(eval_set.source)} (never trained on)")
     else:
         print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
     return Data(dataset, eval_set, data_fingerprint(dataset), new)
@@ -826,7 +827,7 @@ def assign_images(run, data, preprocessing):
     sizes; writes assigned.csv, assigned/cluster-NN.jpg and assigned.html; returns the sizes."""
     settings, new = run.settings, data.new
     run.cache.reuse_only = True
-    print(f"\n## Assign {settings.assign_data} to the clusters learned before (nothing is trained)")
+    print(f"\n## Assign {display_name(settings.assign_data)} to the clusters learned before (nothing is trained)")
     representation = learn_representation(run, data, preprocessing)
     # The kNN monitor measured the training run; assigning needs only what the clusters were learned from.
     neighbours = find_neighbours(run, data, preprocessing, representation, knn_monitor=False)
@@ -844,7 +845,9 @@ def assign_images(run, data, preprocessing):
     names, title = ("assigned.csv", "assigned", "assigned.html"), f"{new.source} in the clusters learned before"
     with result_last(f"RESULT split=assigned images={len(new.images)} clusters={settings.num_clusters}"):
         save_assignments(settings, [("assigned", new, probabilities)], names, title, {"cluster_sizes": sizes.tolist()})
-        print(f"assigned {len(new.images)} images of {new.source}: see assigned.html, assigned.csv and assigned/")
+        print(
+            f"assigned {len(new.images)} images of {display_name(new.source)}: see assigned.html, assigned.csv and assigned/"
+        )
     return {"assigned": len(new.images), "cluster_sizes": sizes.tolist()}
 
 

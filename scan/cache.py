@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 
 from scan.files import megabytes, read_json, save_array, save_json, save_weights, warn_if_short_of_space
+from scan.names import display_name
 from scan.settings import UsageError
 
 # The settings each cached stage depends on; a stage's fingerprint also covers the data and every earlier stage.
@@ -81,7 +82,7 @@ class StageCache:
         try:
             return reader(path)
         except Exception as error:  # noqa: BLE001  (whatever broke the file, it is recomputed)
-            print(f"warning: discarding unreadable {path} ({type(error).__name__}); recomputing it")
+            print(f"warning: discarding unreadable {display_name(path)} ({type(error).__name__}); recomputing it")
             os.remove(path)
             return None
 
@@ -91,7 +92,7 @@ class StageCache:
         path = self.path(stage, fingerprint, ".npy")
         array = self.read(path, lambda path: np.load(path, allow_pickle=False))
         if array is not None:
-            print(f"{title}: done before, reusing {path}")
+            print(f"{title}: done before, reusing {display_name(path)}")
             return array
         self.refuse_to_compute(title)
         warn_if_short_of_space(self.folder, expected_bytes, title)
@@ -116,7 +117,7 @@ class StageCache:
         weights_path, record_path = self.path(stage, fingerprint, ".weights.h5"), self.path(stage, fingerprint, ".json")
         record = self.read(record_path, read_json)
         if record is not None and self.read(weights_path, lambda path: model.load_weights(path) or True):
-            print(f"{title}: done before, reusing {weights_path}")
+            print(f"{title}: done before, reusing {display_name(weights_path)}")
             return record["history"]
         self.refuse_to_compute(title)
         backup_dir = self.path(stage, fingerprint, ".backup")
@@ -153,7 +154,7 @@ def cache_report(folder, fingerprints, prune):
             results.add(result)
         files = [os.path.join(root, file) for root, _, found in os.walk(path) for file in found] or [path]
         total += sum(os.path.getsize(file) for file in files)
-    line = f"stage cache: {len(results)} results, {megabytes(total)} in {folder}"
+    line = f"stage cache: {len(results)} results, {megabytes(total)} in {display_name(folder)}"
     if prune:
         return line + f" (pruned {len(deleted)} results these settings do not use)"
     return line + " (--prune_cache=true keeps only this run's)"

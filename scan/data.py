@@ -17,14 +17,16 @@ import numpy as np
 from PIL import Image
 
 from scan.images import decode_images, image_extensions, memory_warning
+from scan.names import display_name
 from scan.settings import UsageError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".tar.gz", ".tgz")
-# What zipfile and tarfile raise for a corrupt or truncated archive; reading one also meets OSError.
-CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error)
+# What zipfile and tarfile raise for a corrupt or truncated archive (or a zip member name flagged UTF-8 that is
+# not); reading one also meets OSError.
+CORRUPT_ARCHIVE_ERRORS = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, UnicodeDecodeError)
 
 
 class Dataset(NamedTuple):
@@ -122,14 +124,58 @@ def with_labels(names):
     return [(name, name.rpartition("/")[0]) for name in names]
 
 
+def first_names(names, count=3):
+    """The first `count` of `names`, shown (display_name) and joined for a warning line, with ', ...' for the rest."""
+    return ", ".join(display_name(name) for name in names[:count]) + (", ..." if len(names) > count else "")
+
+
+def entry_identity(entry, device):
+    """(is a folder, (st_dev, st_ino)) of an entry of a folder on `device`, links followed; a broken link is
+    (False, None). A file that is not a link needs no stat: its folder's device and its inode say which it is."""
+    try:
+        if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+            return False, (device, entry.inode())
+        found = entry.stat()
+        return entry.is_dir(), (found.st_dev, found.st_ino)
+    except OSError:
+        return False, None
+
+
 def find_image_files(folder):
-    """Lists the image files under `folder`: (path relative to it, label folder ('' for none)), in sorted order."""
-    names = []
-    for root, directories, files in os.walk(folder):
-        directories.sort()
-        for name in sorted(files):
-            if is_image_name(name):
-                names.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    """Lists the image files under `folder`: (path relative to it, label folder ('' for none)), each folder's files
+    (sorted) before its sub-folders (sorted). Symbolic links to folders and files are followed; each real folder is
+    walked once and each real file listed once, under the first path that reaches it, and links that lead back into
+    a folder above them (a loop) are one warning line. A broken link is listed like any file, and found unreadable."""
+    names, loops, files_seen = [], [], set()
+    top = os.stat(folder)
+    top_identity = (top.st_dev, top.st_ino)
+    folders_seen, pending = {top_identity}, [("", (top_identity,))]  # (folder relative to `folder`, those above it)
+    while pending:
+        relative, above = pending.pop()
+        try:
+            with os.scandir(os.path.join(folder, relative)) as scanned:
+                entries = sorted(scanned, key=lambda entry: entry.name)
+        except OSError:  # an unreadable folder is skipped, as os.walk skips it
+            continue
+        subfolders = []
+        for entry in entries:
+            name = f"{relative}/{entry.name}" if relative else entry.name
+            is_folder, identity = entry_identity(entry, above[-1][0])
+            if is_folder and identity in above:
+                loops.append(name)
+            elif is_folder and identity not in folders_seen:
+                folders_seen.add(identity)
+                subfolders.append((name, (*above, identity)))
+            elif not is_folder and is_image_name(entry.name) and (identity is None or identity not in files_seen):
+                files_seen.add(identity)
+                names.append(name)
+        pending += reversed(subfolders)
+    if loops:
+        plural = "s" if len(loops) != 1 else ""
+        print(
+            f"warning: a loop of symbolic links: not following {len(loops)} link{plural} back into a folder above "
+            f"({first_names(loops)})"
+        )
     return with_labels(names)
 
 
@@ -215,10 +261,7 @@ def load_image_folder(data, input_size, max_images, seed, fit="crop"):
     if len(unreadable) == len(found):
         raise UsageError(f"--data={data}: none of the {len(found)} image files could be read; check the files")
     if unreadable:
-        shown = ", ".join(unreadable[:3])
-        print(
-            f"warning: skipped {len(unreadable)} unreadable image files of {len(found)} ({shown}{', ...' if len(unreadable) > 3 else ''})"
-        )
+        print(f"warning: skipped {len(unreadable)} unreadable image files of {len(found)} ({first_names(unreadable)})")
     kept = [(label, image) for (_, label), image in zip(found, decoded, strict=True) if image is not None]
     names = [member(name) for (name, _), image in zip(found, decoded, strict=True) if image is not None]
     images = np.stack([image for _, image in kept])

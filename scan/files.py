@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 
+from scan.names import display_name
 from scan.settings import UsageError
 
 
@@ -97,7 +98,7 @@ def warn_if_short_of_space(folder, needed_bytes, title):
     if free >= needed_bytes:
         return False
     print(
-        f"warning: {title} will write about {megabytes(needed_bytes)} to {folder}, but only {megabytes(free)} are "
+        f"warning: {title} will write about {megabytes(needed_bytes)} to {display_name(folder)}, but only {megabytes(free)} are "
         "free; free space or set --output_dir to another disk"
     )
     return True

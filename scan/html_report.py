@@ -9,6 +9,7 @@ import os
 import urllib.parse
 
 from scan.files import write_bytes_atomically
+from scan.names import display_name
 
 SCORE_NAMES = {"acc": "accuracy", "nmi": "NMI", "ari": "ARI"}
 
@@ -67,7 +68,7 @@ def cluster_card(cluster, folder):
     number = int(cluster["cluster"])
     facts = [f"{cluster['size']} image{'s' if cluster['size'] != 1 else ''}"]
     if cluster.get("label") is not None:
-        facts.append(f"majority: {cluster['label']}")
+        facts.append(f"majority: {display_name(cluster['label'])}")
     if cluster.get("accuracy") is not None:
         facts.append(f"accuracy {cluster['accuracy']:.1f}%")
     if cluster.get("sheet"):
@@ -94,9 +95,9 @@ def report_page(title, settings_line, scores, clusters, figures, folder):
     parts = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n</head>\n<body>",
-        f"<header>\n<h1>{html.escape(title)}</h1>",
-        f'<p class="settings">{" ".join(spans(settings_line.split()))}</p>',
+        f"<title>{html.escape(display_name(title))}</title>\n<style>{STYLE}</style>\n</head>\n<body>",
+        f"<header>\n<h1>{html.escape(display_name(title))}</h1>",
+        f'<p class="settings">{" ".join(spans(display_name(settings_line).split()))}</p>',
     ]
     if scores:
         parts.append('<ul class="scores">' + "".join(score_items(scores)) + "</ul>")

@@ -19,18 +19,24 @@ from scan.cache import cache_report
 from scan.files import save_json, write_bytes_atomically
 from scan.html_report import write_run_page
 from scan.metrics import assign_clusters, contingency_table, majority_label_report, split_metrics
+from scan.names import display_name
 from scan.settings import UsageError
 from scan.sorting import sort_images
 
 matplotlib.use("Agg")  # Figures are saved as PNG files, so no display is needed.
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Each figure is drawn with its texts as plain text: a class named "$5 and $10" is not mathtext.
+plain_text = matplotlib.rc_context({"text.parse_math": False})
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")  # what a spreadsheet may run as a formula, and the escape
 
+
+@plain_text
 def plot_augmentations(image, title, data_augmentation, path):
     """Saves the image and 9 augmented versions of it."""
     figure = plt.figure(figsize=(10, 11))
     figure.add_subplot(4, 3, 2).imshow(image)
-    figure.axes[0].set_title(f"original: {title}" if title else "original")
+    figure.axes[0].set_title(f"original: {display_name(title)}" if title else "original")
     for i in range(9):
         augmented_images = data_augmentation(image[None].astype("float32"), training=True)
         axis = figure.add_subplot(4, 3, i + 4)
@@ -40,6 +46,7 @@ def plot_augmentations(image, title, data_augmentation, path):
     save_figure(figure, path)
 
 
+@plain_text
 def plot_loss_history(histories, path):
     """Saves the per-epoch curves of `histories` ({name: [value per epoch]})."""
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -51,6 +58,7 @@ def plot_loss_history(histories, path):
     save_figure(figure, path)
 
 
+@plain_text
 def plot_neighbours(images, labels, class_names, neighbour_indices, anchors, path):
     """Saves one row per anchor: the anchor image, then its neighbours."""
     ncols = neighbour_indices.shape[1] + 1
@@ -60,11 +68,12 @@ def plot_neighbours(images, labels, class_names, neighbour_indices, anchors, pat
             axis = figure.add_subplot(len(anchors), ncols, row * ncols + col + 1)
             axis.imshow(images[image_idx])
             if labels is not None:
-                axis.set_title(class_names[labels[image_idx]])
+                axis.set_title(display_name(class_names[labels[image_idx]]))
             axis.axis("off")
     save_figure(figure, path)
 
 
+@plain_text
 def plot_confusion_matrix(counts, class_names, matching, title, path):
     """Saves the cluster x class counts, clusters ordered by their matched class."""
     order = sorted(range(len(counts)), key=lambda cluster: matching.get(cluster, len(class_names) + cluster))
@@ -73,7 +82,7 @@ def plot_confusion_matrix(counts, class_names, matching, title, path):
     for row, cluster in enumerate(order):
         for col in range(len(class_names)):
             axis.text(col, row, counts[cluster, col], ha="center", va="center", fontsize=7)
-    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_xticks(range(len(class_names)), [display_name(name) for name in class_names], rotation=45, ha="right")
     axis.set_yticks(range(len(order)), [f"cluster {cluster}" for cluster in order])
     axis.set_title(title)
     save_figure(figure, path)
@@ -111,6 +120,7 @@ def cluster_prototypes(cluster_assignments, cluster_confidence, num_clusters, nu
     return prototypes
 
 
+@plain_text
 def plot_prototypes(images, labels, class_names, prototypes, path):
     """Saves one row per cluster with its prototypes, titled with their labels when known."""
     ncols = max(1, max(len(row) for row in prototypes))
@@ -124,7 +134,9 @@ def plot_prototypes(images, labels, class_names, prototypes, path):
             axis = figure.add_subplot(len(prototypes), ncols, cluster * ncols + col + 1)
             axis.imshow(images[image_idx])
             axis.set_title(
-                f"c{cluster}: {class_names[labels[image_idx]]}" if labels is not None else f"cluster {cluster}"
+                f"c{cluster}: {display_name(class_names[labels[image_idx]])}"
+                if labels is not None
+                else f"cluster {cluster}"
             )
             axis.axis("off")
     save_figure(figure, path)
@@ -154,7 +166,7 @@ def report_clusters(clustering_probs, labels, class_names, prototypes_per_cluste
     report = majority_label_report(cluster_assignments, labels, num_clusters, len(class_names))
     for c in range(num_clusters):
         if report["sizes"][c]:
-            label = class_names[report["majority_labels"][c]]
+            label = display_name(class_names[report["majority_labels"][c]])
             print(f"cluster {c} label is: {label} - accuracy: {report['accuracies'][c]} %")
         else:
             print(f"cluster {c} is empty")
@@ -215,13 +227,25 @@ def save_contact_sheets(images, probabilities, sheet_images, folder):
             os.remove(os.path.join(folder, name))
 
 
+def table_cell(value):
+    """A value of clusters.csv as written: a text shown (display_name), with a "'" before it where it would start a
+    formula in a spreadsheet (OWASP's CSV injection rule) or starts with "'" itself, so that reading a cell back is
+    dropping one leading "'"; numbers as they are."""
+    if not isinstance(value, str):
+        return value
+    shown = display_name(value)
+    return f"'{shown}" if shown.startswith(FORMULA_STARTS) else shown
+
+
 def save_cluster_table(assigned, path):
     """Writes clusters.csv: the header, then `cluster_table_rows` of each (split, dataset, probabilities)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["split", "source", "cluster", "confidence", "label"])
     for split, dataset, probabilities in assigned:
-        writer.writerows(cluster_table_rows(split, dataset, probabilities))
+        writer.writerows(
+            [table_cell(cell) for cell in row] for row in cluster_table_rows(split, dataset, probabilities)
+        )
     write_bytes_atomically(path, text.getvalue().encode())
 
 
@@ -270,7 +294,7 @@ def write_metrics(run, data, representation, neighbours, clustering, self_labeli
         compile_seconds = sum(compiled["seconds"] for compiled in times.compilations.values())
         print(f"compilation: {compile_seconds:.1f}s of them in all")
     print(cache_report(run.cache.folder, run.fingerprints, run.settings.prune_cache))  # The cache's size; --prune_cache
-    print(f"figures and metrics.json are in {run.settings.output_dir}")
+    print(f"figures and metrics.json are in {display_name(run.settings.output_dir)}")
     return metrics
 
 
@@ -309,4 +333,7 @@ def save_assignments(settings, assigned, names, title, report, scores=None, figu
     sheets = sheets if settings.sheet_images else None
     write_run_page(settings.output_dir, page, title, settings.command, report, scores, sheets, figures)
     if settings.sort_into:
-        print(sort_images(settings.sort_into, [(images, probs) for _, images, probs in assigned], settings.sort_copies))
+        sorted_line = sort_images(
+            settings.sort_into, [(images, probs) for _, images, probs in assigned], settings.sort_copies
+        )
+        print(display_name(sorted_line))

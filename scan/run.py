@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from scan.backend import enable_compilation_cache
 from scan.cache import StageCache, stage_fingerprints
+from scan.names import display_name
 
 
 class StageTimes:
@@ -69,4 +70,4 @@ class Run:
         os.makedirs(self.cache.folder, exist_ok=True)
         compiled = os.path.join(self.cache.folder, "compiled")
         if self.settings.compilation_cache and enable_compilation_cache(compiled):
-            print(f"compilation cache: {compiled}")
+            print(f"compilation cache: {display_name(compiled)}")

@@ -76,7 +76,7 @@ def unsafe_name_reason(name):
 
 def refuse_member(archive, name, reason):
     """The UsageError that refuses member `name` of `archive` for `reason`."""
-    return UsageError(f"{archive}: member {name!r} {reason}; refusing to extract it (nothing was written)")
+    return UsageError(f"{archive}: member '{name}' {reason}; refusing to extract it (nothing was written)")
 
 
 def check_zip_members(archive_path, names):

@@ -36,6 +36,7 @@ from scan.backend import synchronize_batch_normalization
 from scan.batches import fit_verbosity, predict_in_full_batches
 from scan.files import DiskFullError, read_json, save_json, save_weights
 from scan.losses import scan_head_losses
+from scan.names import display_name
 from scan.settings import UsageError
 
 
@@ -169,7 +170,7 @@ def restore_checkpoint(model, backup_dir):
         model.load_weights(os.path.join(backup_dir, state["weights"]))
     except Exception as error:  # noqa: BLE001  (whatever broke the checkpoint, the stage starts again)
         print(
-            f"warning: discarding unreadable checkpoint {backup_dir} ({type(error).__name__}); starting the stage again"
+            f"warning: discarding unreadable checkpoint {display_name(backup_dir)} ({type(error).__name__}); starting the stage again"
         )
         shutil.rmtree(backup_dir)
         return 0, {}
@@ -208,7 +209,7 @@ def train(
     )
     first_epoch, history = restore_checkpoint(model, backup_dir)
     if first_epoch:
-        print(f"{stage}: resuming after epoch {first_epoch} of {epochs} (from {backup_dir})")
+        print(f"{stage}: resuming after epoch {first_epoch} of {epochs} (from {display_name(backup_dir)})")
     checkpoint = EpochCheckpoint(backup_dir, history, checkpoint_seconds, termination)
     callbacks = [keras.callbacks.TerminateOnNaN(), *callbacks, checkpoint]
     synchronize_batch_normalization(model)
@@ -283,12 +284,12 @@ def run_as_command(main):
     try:
         main()
     except DiskFullError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {display_name(str(error))}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Skips the interpreter's exit, where HDF5 would crash flushing a weights file that ran out of space.
         os._exit(2)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {display_name(str(error))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume from the last completed epoch", file=sys.stderr)
