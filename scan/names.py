@@ -5,7 +5,7 @@ A name is the `str` the operating system gives, with each byte that does not dec
 clusters.csv, report.html, the figures) it is `display_name(name)`: the name as it reads, except that a backslash
 is doubled, a byte that does not decode is `\\xff`, and a character that would act instead of being seen (a newline,
 a tab, ESC, DEL, the C1 controls, bidirectional overrides and other format characters, line and paragraph
-separators) is an escape: `\\n`, `\\r`, `\\t`, `\\x1b` (below 0x80), `\\u202e`, `\\U000e0001`. So the shown form is
+separators; not the zero-width joiners that words and emoji need) is an escape: `\\n`, `\\r`, `\\t`, `\\x1b` (below 0x80), `\\u202e`, `\\U000e0001`. So the shown form is
 one line, never drives a terminal, and `original_name` gives the name back: `os.fsencode(original_name(shown))` are
 the name's bytes.
 """
@@ -14,6 +14,8 @@ import re
 import unicodedata
 
 ESCAPED_CATEGORIES = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # controls, format characters, surrogates, line/paragraph breaks
+# Format characters that only join letters (Persian and Indic words, emoji sequences): kept, as they are read.
+JOINERS = {"\u200c", "\u200d"}  # zero-width non-joiner and joiner
 SHORT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 ESCAPE = re.compile(r"\\(?:([\\nrt])|x([0-9a-f]{2})|u([0-9a-f]{4})|U([0-9a-f]{8}))")
 
@@ -34,7 +36,11 @@ def display_name(name):
         return name
     return "".join(
         SHORT_ESCAPES.get(character)
-        or (escaped_character(character) if unicodedata.category(character) in ESCAPED_CATEGORIES else character)
+        or (
+            escaped_character(character)
+            if unicodedata.category(character) in ESCAPED_CATEGORIES and character not in JOINERS
+            else character
+        )
         for character in name
     )
 
