@@ -363,7 +363,8 @@ The learner produces `num_augmentations` views of each image; the contrastive lo
 together and pushes other images away: the tutorial's own loss, quirks kept, or SimCLR's NT-Xent. Not in the
 tutorial, PRETEXT_LOSS = "vicreg" is VICReg (Bardes et al. 2022), which contrasts nothing: it pulls the views of one
 image together while it keeps every dimension of the embeddings spread over the batch and the dimensions
-uncorrelated, and learns more than NT-Xent in short schedules. SMALL_VIEWS adds smaller views of each image
+uncorrelated; in short schedules it learned more than SimCLR in published runs (EMP-SSL's table, a ResNet-18 on
+CIFAR-10: 69.7 % against 56.5 % linear accuracy after 10 epochs). SMALL_VIEWS adds smaller views of each image
 (multi-crop, as SwAV and DINO), at a fraction of a full view's cost, each compared with every full view
 (`scan/losses.py`).
 

@@ -210,6 +210,10 @@ def check_combinations(settings, defaults):
             f"--warmup_epochs={settings.warmup_epochs}: must be fewer than --representation_epochs="
             f"{settings.representation_epochs}; lower --warmup_epochs"
         )
+    if settings.pretext_loss == "vicreg" and settings.representation_batch_size < 2:
+        raise UsageError(
+            "--pretext_loss=vicreg takes its variances over the batch: use --representation_batch_size=2 or more"
+        )
     if settings.eval_data and settings.holdout_images:
         raise UsageError("set either --eval_data or --holdout_images, not both (use --eval_data= to clear it)")
     if settings.sort_copies and not settings.sort_into:

@@ -232,11 +232,11 @@ def test_a_tiny_vicreg_run_with_small_views_learns_and_clusters(tmp_path, run_he
     folder = make_image_folder(tmp_path / "images", num_classes=3, per_class=10)
     output_dir = tmp_path / "out"
     args = [
-        "--recipe=cpu", f"--data={folder}", "--holdout_images=6", f"--output_dir={output_dir}",
-        "--pretext_loss=vicreg", "--projection_head=vicreg", "--projection_units=32", "--small_views=2",
-        "--small_view_size=12", "--representation_batch_size=8", "--clustering_batch_size=8",
-        "--representation_epochs=1", "--clustering_epochs=1", "--num_clusters=3", "--k_neighbours=2",
-        "--embedding_batch_size=16", "--num_heads=2",
+        f"--data={folder}", "--holdout_images=6", f"--output_dir={output_dir}", "--encoder=small",
+        "--augmentation=simclr", "--mining_features=projection", "--pretext_loss=vicreg", "--projection_head=vicreg",
+        "--projection_units=32", "--small_views=2", "--small_view_size=12", "--representation_batch_size=8",
+        "--clustering_batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--num_clusters=3",
+        "--k_neighbours=2", "--embedding_batch_size=16", "--sheet_images=0",
     ]  # fmt: skip
     result = run_here(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -249,6 +249,6 @@ def test_a_tiny_vicreg_run_with_small_views_learns_and_clusters(tmp_path, run_he
     assert (settings["pretext_loss"], settings["small_views"], settings["small_view_size"]) == ("vicreg", 2, 12)
     (loss,) = metrics["losses"]["representation"]
     assert math.isfinite(loss) and loss > 0
-    # The neighbours were mined among the outputs of VICReg's expander, 32 wide (the recipe's MINING_FEATURES).
+    # The neighbours were mined among the outputs of VICReg's expander, 32 wide (MINING_FEATURES = "projection").
     (embeddings_file,) = (output_dir / "cache").glob("embeddings-*.npy")
     assert np.load(embeddings_file).shape == (24, 32)

@@ -147,6 +147,10 @@ def script_settings(argv):
             "views' side, 24 (VIEW_SIZE or TARGET_SIZE)",
         ),
         ("--recipe=cpu --small_views=2 --small_view_size=4", "--small_view_size=4: must be at least 8"),
+        (
+            "--recipe=cpu --pretext_loss=vicreg --representation_batch_size=1",
+            "--pretext_loss=vicreg takes its variances over the batch: use --representation_batch_size=2 or more",
+        ),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
