@@ -149,7 +149,7 @@ def simclr(bench, encoder_name, augmentation, loss, head, tutorial_formulation=F
         create_data_augmentation(augmentation, seed=0),
         temperature=0.1,
         projection_head=head,
-        contrastive_loss=loss,
+        pretext_loss=loss,
         rows=None if tutorial_formulation else bench.rows,
     )
     learner.compile(

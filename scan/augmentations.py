@@ -25,11 +25,20 @@ from keras import layers, ops
 
 from scan.backend import gather_replicas, replica_rows
 
+# The share of the image's area that a "simclr" crop covers: the full views' (SimCLR's), and the small extra views'
+# (SMALL_VIEWS), a moderate range of their own, since small networks learn less from crops of very different scales
+# (SSLight, Tan et al. 2023) than from DINO's 5-40 %.
+CROP_AREA = (0.2, 1.0)
+SMALL_VIEW_CROP_AREA = (0.2, 0.6)
 
-def create_data_augmentation(kind, seed, output_size=None):
-    """The augmentation layer; with `output_size`, its augmented images have that side (VIEW_SIZE)."""
+
+def create_data_augmentation(kind, seed, output_size=None, crop_area=CROP_AREA):
+    """The augmentation layer; with `output_size`, its augmented images have that side (VIEW_SIZE); `crop_area` is
+    the range of the "simclr" crops' share of the image."""
     if kind != "tutorial-layers":
-        return ImageAugmentation(kind, seed=seed, output_size=output_size, name="data_augmentation")
+        return ImageAugmentation(
+            kind, seed=seed, output_size=output_size, crop_area=crop_area, name="data_augmentation"
+        )
     resize = [layers.Resizing(output_size, output_size)] if output_size else []
     return keras.Sequential(
         [
@@ -53,13 +62,15 @@ class ImageAugmentation(layers.Layer):
     (brightness, contrast, saturation 0.4, hue 0.1) with probability 0.8, grayscale with probability 0.2.
     kind "scan": SCAN's strong augmentation, drawn per image: horizontal flip, 4 operations drawn from its RandAugment
     list with random magnitudes, then a cut-out hole (this module's first lines).
-    With `output_size`, the resampling writes augmented images of that side directly (no second resize).
+    With `output_size`, the resampling writes augmented images of that side directly (no second resize); `crop_area`
+    is the range of the "simclr" crops' area, as a share of the image.
     """
 
-    def __init__(self, kind, seed=None, output_size=None, **kwargs):
+    def __init__(self, kind, seed=None, output_size=None, crop_area=CROP_AREA, **kwargs):
         super().__init__(**{"dtype": "float32", **kwargs})  # Pixels stay float32 under mixed precision.
         self.kind = kind
         self.output_size = output_size
+        self.crop_area = crop_area
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, images, training=False):
@@ -74,7 +85,7 @@ class ImageAugmentation(layers.Layer):
             parameters = sample_tutorial_parameters(batch_size, self.seed_generator)
             transforms = tutorial_transforms(parameters, height, width)
         elif self.kind == "simclr":
-            transforms = random_resized_crop_transforms(batch_size, height, width, self.seed_generator)
+            transforms = random_resized_crop_transforms(batch_size, height, width, self.seed_generator, self.crop_area)
         else:
             parameters = sample_randaugment_parameters(batch_size, 4, self.seed_generator)
             transforms = randaugment_transforms(parameters, height, width)
@@ -184,7 +195,7 @@ def affine_matrices(a0, a1, a2, b0, b1, b2):
     return ops.stack(rows, axis=1)
 
 
-def random_resized_crop_transforms(batch_size, height, width, seed, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_transforms(batch_size, height, width, seed, scale=CROP_AREA, ratio=(3 / 4, 4 / 3)):
     """Affine maps [B, 6] of random crops (area share `scale`, aspect `ratio`), resized to the full image and
     flipped horizontally with probability 0.5."""
     uniform = lambda low=0.0, high=1.0: keras.random.uniform((batch_size,), low, high, seed=seed)  # noqa: E731

@@ -18,8 +18,9 @@ from scan.settings import UsageError
 STAGE_SETTINGS = {
     "representation": [
         "mixed_precision", "seed", "encoder", "target_size", "augmentation", "view_size", "representation_dim",
-        "torch_conventions", "projection_head", "projection_units", "contrastive_loss", "num_augmentations",
-        "temperature", "dropout_rate", "l2_normalize", "representation_batch_size", "representation_epochs",
+        "torch_conventions", "projection_head", "projection_units", "pretext_loss", "num_augmentations",
+        "small_views", "small_view_size", "temperature", "dropout_rate", "l2_normalize", "representation_batch_size",
+        "representation_epochs",
         "representation_optimizer", "representation_learning_rate", "learning_rate_decay_steps",
         "learning_rate_decay_alpha", "warmup_epochs", "weight_decay",
     ],
@@ -37,10 +38,13 @@ STAGE_SETTINGS = {
     ],
     "predictions": [],
 }  # fmt: skip
-# The representation stage's fingerprint keeps the name its batch size had, and the SGD momentum that was a setting,
-# from before the settings were renamed, so that an encoder trained then (hours of SimCLR on a GPU) is still reused.
-EARLIER_NAMES = {"representation_batch_size": "batch_size"}
+# The representation stage's fingerprint keeps the names its batch size and its loss had, and the SGD momentum that
+# was a setting, from before the settings were renamed, so that an encoder trained then (hours of SimCLR on a GPU) is
+# still reused; the settings added since are left out of it at the values that compute what the stage computed
+# before they existed.
+EARLIER_NAMES = {"representation_batch_size": "batch_size", "pretext_loss": "contrastive_loss"}
 FIXED_SINCE = {"representation": {"momentum": 0.9}}
+ADDED_SINCE = {"small_views": 0, "small_view_size": 16}
 
 
 def data_fingerprint(dataset):
@@ -164,6 +168,7 @@ def stage_fingerprints(data_digest, settings, stage_settings):
     """Returns {stage: fingerprint}, each chained to the data and to every earlier stage."""
     fingerprints, previous = {}, data_digest
     for stage, names in stage_settings.items():
+        names = [name for name in names if name not in ADDED_SINCE or settings[name] != ADDED_SINCE[name]]
         values = {EARLIER_NAMES.get(name, name): settings[name] for name in names} | FIXED_SINCE.get(stage, {})
         previous = fingerprints[stage] = StageCache.fingerprint(previous, stage, values)
     return fingerprints

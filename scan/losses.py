@@ -1,6 +1,7 @@
-"""The losses: the tutorial's contrastive loss and SimCLR's NT-Xent; the tutorial's two clustering losses, which with
-`CLUSTERING_LOSS = "scan"` are SCAN's; SCAN's label-free loss that ranks heads and epochs; self-labeling's
-class-balanced cross-entropy. Each loss of a training step gathers the global batch on TensorFlow's replicas.
+"""The losses: the pretext losses (the tutorial's contrastive loss, SimCLR's NT-Xent, VICReg); the tutorial's two
+clustering losses, which with `CLUSTERING_LOSS = "scan"` are SCAN's; SCAN's label-free loss that ranks heads and
+epochs; self-labeling's class-balanced cross-entropy. Each loss of a training step gathers the global batch on
+TensorFlow's replicas.
 """
 
 import keras
@@ -26,17 +27,76 @@ def tutorial_contrastive_loss(feature_vectors, batch_size, temperature, l2_norma
     return ops.mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
 
 
-def nt_xent_loss(feature_vectors, batch_size, temperature):
-    """SimCLR's NT-Xent: each view's positive is the other view of its image; its own similarity is masked out."""
-    num_augmentations = ops.shape(feature_vectors)[0] // batch_size
-    feature_vectors = ops.normalize(ops.cast(feature_vectors, "float32"), axis=-1)
-    # The logits shape is [num_augmentations * batch_size, num_augmentations * batch_size].
-    logits = ops.matmul(feature_vectors, ops.transpose(feature_vectors)) / temperature
-    is_self = ops.eye(num_augmentations * batch_size, dtype=logits.dtype)
+def nt_xent_loss(feature_vectors, batch_size, temperature, small_views=None):
+    """SimCLR's NT-Xent: each view's positives are the other views of its image; its own similarity is masked out.
+
+    With `small_views` [num_small_views * batch_size, dims] (multi-crop), each small view is one more anchor: its
+    positives are the full views of its image, its negatives the other images' full views. Small views are never
+    candidates, so the full views' rows are those of NT-Xent without them.
+    """
+    full = ops.normalize(ops.cast(feature_vectors, "float32"), axis=-1)
+    anchors = full
+    if small_views is not None:
+        anchors = ops.concatenate([full, ops.normalize(ops.cast(small_views, "float32"), axis=-1)], axis=0)
+    num_views, num_anchor_views = ops.shape(full)[0] // batch_size, ops.shape(anchors)[0] // batch_size
+    # The logits shape is [num_anchor_views * batch_size, num_views * batch_size].
+    logits = ops.matmul(anchors, ops.transpose(full)) / temperature
+    is_self = ops.eye(ops.shape(anchors)[0], ops.shape(full)[0], dtype=logits.dtype)
     logits = logits - 1e9 * is_self
-    positives = ops.tile(ops.eye(batch_size, dtype=logits.dtype), [num_augmentations, num_augmentations]) - is_self
-    targets = positives / ops.cast(num_augmentations - 1, logits.dtype)
+    positives = ops.tile(ops.eye(batch_size, dtype=logits.dtype), [num_anchor_views, num_views]) - is_self
+    targets = positives / ops.sum(positives, axis=1, keepdims=True)
     return ops.mean(keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
+
+
+def vicreg_invariance(embeddings, other_embeddings):
+    """VICReg's invariance term: the mean squared difference of two views' embeddings [batch_size, dims]."""
+    return ops.mean(ops.square(embeddings - other_embeddings))
+
+
+def vicreg_variance(embeddings, gamma=1.0, epsilon=1e-4):
+    """VICReg's variance term of one view's embeddings [batch_size, dims]: the mean over dimensions of
+    relu(gamma - std), the standard deviation over the batch sqrt(unbiased variance + epsilon)."""
+    centred = embeddings - ops.mean(embeddings, axis=0)
+    variance = ops.sum(ops.square(centred), axis=0) / ops.cast(ops.shape(embeddings)[0] - 1, embeddings.dtype)
+    return ops.mean(ops.relu(gamma - ops.sqrt(variance + epsilon)))
+
+
+def vicreg_covariance(embeddings):
+    """VICReg's covariance term of one view's embeddings [batch_size, dims]: the sum of the squared off-diagonal
+    entries of their covariance matrix over the batch (unbiased), divided by the dimensions."""
+    num_rows, dims = ops.shape(embeddings)[0], embeddings.shape[-1]
+    centred = embeddings - ops.mean(embeddings, axis=0)
+    # covariance shape: [dims, dims].
+    covariance = ops.matmul(ops.transpose(centred), centred) / ops.cast(num_rows - 1, embeddings.dtype)
+    off_diagonal = covariance * (1.0 - ops.eye(dims, dtype=covariance.dtype))
+    return ops.sum(ops.square(off_diagonal)) / dims
+
+
+def vicreg_loss(views, small_views=None, invariance_weight=25.0, variance_weight=25.0, covariance_weight=1.0):
+    """VICReg (Bardes et al. 2022) of `views` [num_views, batch_size, dims], the embeddings of each view of the same
+    images, in the same order: the two-view loss averaged over the compared pairs, every two full views and, with
+    `small_views` [num_small_views, batch_size, dims] (multi-crop), each small view with each full view.
+
+    The two-view loss of embeddings a and b is solo-learn's: invariance_weight * invariance(a, b) + variance_weight *
+    (variance(a) + variance(b)) + covariance_weight * (covariance(a) + covariance(b)); its CIFAR weights 25, 25 and 1.
+    Each view's variance and covariance are computed once, over the whole (global) batch.
+    """
+    views = ops.cast(views, "float32")
+    embeddings = [views[index] for index in range(views.shape[0])]
+    num_full = len(embeddings)
+    if small_views is not None:
+        small_views = ops.cast(small_views, "float32")
+        embeddings += [small_views[index] for index in range(small_views.shape[0])]
+    pairs = [(a, b) for a in range(num_full) for b in range(a + 1, num_full)]
+    pairs += [(small, full) for small in range(num_full, len(embeddings)) for full in range(num_full)]
+    # Each view's own terms: variance_weight * variance + covariance_weight * covariance.
+    spread = [
+        variance_weight * vicreg_variance(view) + covariance_weight * vicreg_covariance(view) for view in embeddings
+    ]
+    total = 0.0
+    for a, b in pairs:
+        total = total + invariance_weight * vicreg_invariance(embeddings[a], embeddings[b]) + spread[a] + spread[b]
+    return total / len(pairs)
 
 
 class ClustersConsistencyLoss(keras.losses.Loss):

@@ -106,8 +106,9 @@ def basic_block(x, filters, strides, torch_conventions=False):
 
 
 def create_projection_head(kind, units, encoder_units, dropout_rate):
-    """SimCLR's projection head after the encoder: the tutorial's (dropout, dense, batch norm, ReLU) or with `kind`
-    "mlp" SimCLR's two-layer MLP (dense of the encoder's `encoder_units` with ReLU, then dense)."""
+    """The projection head after the encoder: the tutorial's (dropout, dense, batch norm, ReLU); with `kind` "mlp"
+    SimCLR's two-layer MLP (dense of the encoder's `encoder_units` with ReLU, then dense); with "vicreg" VICReg's
+    expander (dense, batch norm, ReLU, twice, then dense; every layer `units` wide, as solo-learn's 2048-2048-2048)."""
     if kind == "tutorial":
         head = [
             layers.Dropout(dropout_rate),
@@ -115,6 +116,9 @@ def create_projection_head(kind, units, encoder_units, dropout_rate):
             layers.BatchNormalization(),
             layers.ReLU(),
         ]
+    elif kind == "vicreg":
+        hidden = [[layers.Dense(units), layers.BatchNormalization(), layers.ReLU()] for _ in range(2)]
+        head = [*hidden[0], *hidden[1], layers.Dense(units)]
     else:
         head = [layers.Dense(encoder_units, activation="relu"), layers.Dense(units)]
     return keras.Sequential(head, name="projector")

@@ -21,11 +21,11 @@ CHOICES = {
     "encoder": ["resnet50v2", "resnet18", "small"],
     "augmentation": ["tutorial", "tutorial-layers", "simclr"],
     "strong_augmentation": ["augmentation", "scan"],
-    "projection_head": ["tutorial", "mlp"],
+    "projection_head": ["tutorial", "mlp", "vicreg"],
     "mining_features": ["tutorial", "encoder", "projection"],
     "encoder_during_clustering": ["frozen", "tuned", "cached"],
     "head_features": ["encoder", "projection"],
-    "contrastive_loss": ["tutorial", "ntxent"],
+    "pretext_loss": ["tutorial", "ntxent", "vicreg"],
     "representation_optimizer": ["adamw", "sgd"],
     "clustering_optimizer": ["adamw", "adam"],
     "clustering_loss": ["tutorial", "scan"],
@@ -38,8 +38,9 @@ CHOICES = {
 SETTING_LIMITS = {
     "input_size": 1024, "target_size": 1024, "view_size": 1024, "num_augmentations": 64, "num_heads": 1000,
     "representation_dim": 65536, "projection_units": 65536, "k_neighbours": 1000, "prediction_neighbours": 1000,
-    "feature_views": 64, "prototypes_per_cluster": 100, "sheet_images": 10000, "representation_batch_size": 65536,
-    "clustering_batch_size": 65536, "self_label_batch_size": 65536, "embedding_batch_size": 10000,
+    "feature_views": 64, "small_views": 64, "small_view_size": 1024, "prototypes_per_cluster": 100,
+    "sheet_images": 10000, "representation_batch_size": 65536, "clustering_batch_size": 65536,
+    "self_label_batch_size": 65536, "embedding_batch_size": 10000,
 }  # fmt: skip
 BATCH_SIZES = ["representation_batch_size", "clustering_batch_size", "self_label_batch_size"]
 # Settings that act only with another setting's values: anything but their default without them would do nothing (and,
@@ -47,7 +48,9 @@ BATCH_SIZES = ["representation_batch_size", "clustering_batch_size", "self_label
 ACTS_ONLY_WITH = {
     "torch_conventions": ("encoder", ["resnet18", "small"]),
     "dropout_rate": ("projection_head", ["tutorial"]),
-    "l2_normalize": ("contrastive_loss", ["tutorial"]),
+    "l2_normalize": ("pretext_loss", ["tutorial"]),
+    "temperature": ("pretext_loss", ["tutorial", "ntxent"]),
+    "small_views": ("pretext_loss", ["ntxent", "vicreg"]),
     "entropy_loss_weight": ("clustering_loss", ["scan"]),
     "feature_views": ("encoder_during_clustering", ["cached"]),
 }
@@ -84,6 +87,8 @@ REPLACED_SETTINGS = {
     "--self_label_ema=N": ("was removed", "leave it out (what it measured: docs/experiments.md, Self-labeling)"),
     "--steps_per_execution=N": ("was removed", "leave it out (what it measured: docs/experiments.md, Speed)"),
     "--recipe=quick": ("was renamed", "use --recipe=cpu"),
+    # VICReg, a loss that contrasts nothing, joined its choices.
+    "--contrastive_loss=N": ("was renamed", "use --pretext_loss=N (the same values, and vicreg)"),
 }  # fmt: skip
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
@@ -219,14 +224,14 @@ def check_types_and_ranges(settings):
         raise UsageError("--output_dir is empty: name the folder for figures, metrics.json and the cache")
     positive = [
         *BATCH_SIZES, "embedding_batch_size", "representation_epochs", "clustering_epochs", "input_size",
-        "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster",
+        "projection_units", "k_neighbours", "num_heads", "prototypes_per_cluster", "small_view_size",
     ]  # fmt: skip
     for name in positive:
         if getattr(settings, name) <= 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be at least 1")
     for name in [
         "max_images", "holdout_images", "self_label_epochs", "sheet_images", "learning_rate_decay_steps", "view_size",
-        "warmup_epochs", "representation_dim", "prediction_neighbours", "feature_views",
+        "warmup_epochs", "representation_dim", "prediction_neighbours", "feature_views", "small_views",
     ]:  # fmt: skip
         if getattr(settings, name) < 0:
             raise UsageError(f"--{name}={getattr(settings, name)}: must be 0 (none or all) or positive")
@@ -266,6 +271,10 @@ def check_combinations(settings, defaults):
             f"--warmup_epochs={settings.warmup_epochs}: must be fewer than --representation_epochs="
             f"{settings.representation_epochs}; lower --warmup_epochs"
         )
+    if settings.pretext_loss == "vicreg" and settings.representation_batch_size < 2:
+        raise UsageError(
+            "--pretext_loss=vicreg takes its variances over the batch: use --representation_batch_size=2 or more"
+        )
     if settings.eval_data and settings.holdout_images:
         raise UsageError(
             f"--eval_data={settings.eval_data} and --holdout_images={settings.holdout_images} both choose the images "
@@ -282,6 +291,25 @@ def check_combinations(settings, defaults):
                 f"--{name}={value} does nothing with --{other}={getattr(settings, other)} (only with "
                 f"{' or '.join(values)}); set --{name}={default} or --{other}={values[0]}"
             )
+    check_small_views(settings, defaults, minimum_size)
+
+
+def check_small_views(settings, defaults, minimum_size):
+    """SMALL_VIEW_SIZE acts only with SMALL_VIEWS, and a small view is smaller than a full one, and large enough for
+    the encoder."""
+    if not settings.small_views:
+        if settings.small_view_size != defaults["SMALL_VIEW_SIZE"]:
+            raise UsageError(
+                f"--small_view_size={settings.small_view_size} does nothing with --small_views=0; set "
+                f"--small_view_size={defaults['SMALL_VIEW_SIZE']} or --small_views=2"
+            )
+        return
+    full_size = settings.view_size or settings.target_size
+    if not minimum_size <= settings.small_view_size < full_size:
+        raise UsageError(
+            f"--small_view_size={settings.small_view_size}: must be at least {minimum_size} (the {settings.encoder} "
+            f"encoder's smallest input) and smaller than the full views' side, {full_size} (VIEW_SIZE or TARGET_SIZE)"
+        )
 
 
 def validate_against_data(settings, num_images, num_devices=1):

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import scan_cifar10 as script  # noqa: E402
 from conftest import class_image  # noqa: E402
-from scan.augmentations import ImageAugmentation  # noqa: E402
+from scan.augmentations import SMALL_VIEW_CROP_AREA, ImageAugmentation  # noqa: E402
 from scan.backend import start_data_parallel  # noqa: E402
 from scan.batches import DeviceRows, RowBatches  # noqa: E402
 from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss  # noqa: E402
@@ -50,12 +50,23 @@ def clustering_model(num_heads):
 def build(stage):
     """The stage's learner, built, and the function that trains it for one step of the whole batch."""
     augmentation = ImageAugmentation("simclr", seed=1)
+    if stage == "representation_vicreg":
+        # VICReg's batch statistics and its expander's batch norm over the global batch, with 2 small views of 8 px.
+        preprocessing = script.create_data_preprocessing(SIZE, IMAGES)
+        small = script.sized_view_layers("simclr", preprocessing.layers[-1], 8, 2, SMALL_VIEW_CROP_AREA)
+        learner = script.RepresentationLearner(
+            create_encoder("small", 16), 8, 2, preprocessing, augmentation, projection_head="vicreg",
+            pretext_loss="vicreg", small_views=2, small_view_preprocessing=small[0], small_view_augmentation=small[1],
+        )  # fmt: skip
+        learner(IMAGES[:2])
+        batches = RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=IMAGES)
+        return learner, lambda folder: train_one_step(learner, batches, folder)
     if stage.startswith("representation"):
         # "representation_on_device": the images held on the devices (DATA_ON_DEVICE), the batches their indices.
         rows = DeviceRows(IMAGES) if stage == "representation_on_device" else None
         learner = script.RepresentationLearner(
             create_encoder("small", 16), 8, 2, script.create_data_preprocessing(SIZE, IMAGES), augmentation,
-            temperature=0.5, projection_head="mlp", contrastive_loss="ntxent", rows=rows,
+            temperature=0.5, projection_head="mlp", pretext_loss="ntxent", rows=rows,
         )  # fmt: skip
         learner(np.arange(2) if rows else IMAGES[:2])
         batches = RowBatches(BATCH_SIZE, BATCH_SIZE, seed=0, rows=None if rows else IMAGES)
@@ -92,7 +103,7 @@ def data_parallel():
 
 
 report = {"devices": start_data_parallel(keras.backend.backend())[1]}
-for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
+for stage in ["representation", "representation_on_device", "representation_vicreg", "clustering", "self_labeling"]:
     before, one, one_history = one_step(stage, contextlib.nullcontext())
     _, two, two_history = one_step(stage, data_parallel(), initial_weights=before)
     report[stage] = {

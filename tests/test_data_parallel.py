@@ -50,7 +50,7 @@ def two_device_run(tmp_path_factory):
 def test_two_devices_train_as_one_and_mine_the_same_neighbours(two_device_run, backend):
     report, _, output_dir = two_device_run(backend)
     assert report["devices"] == 2
-    for stage in ["representation", "representation_on_device", "clustering", "self_labeling"]:
+    for stage in ["representation", "representation_on_device", "representation_vicreg", "clustering", "self_labeling"]:
         one, two = report[stage]["losses"]
         assert one.keys() == two.keys() and one, stage
         for name in one:

@@ -141,7 +141,7 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend,
     before = re.search(r"^self-labeling starts from: eval split accuracy ([\d.]+)%, NMI", out, flags=re.MULTILINE)
     assert before and float(before.group(1)) == round(100 * metrics["before_self_labeling"]["acc"], 2)
     assert metrics["settings"]["encoder"] == {"gpu": "resnet18", "scan": "resnet18", "cpu": "small"}[recipe]
-    assert metrics["settings"]["contrastive_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
+    assert metrics["settings"]["pretext_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
     assert 0 <= metrics["neighbour_purity"] <= 1
     assert knn and float(knn.group(1)) == round(100 * metrics["knn_accuracy"], 2)

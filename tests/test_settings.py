@@ -145,6 +145,18 @@ def script_settings(argv):
         ("--data_on_device=gpu", "--data_on_device=gpu: choose one of auto, true, false"),
         ("--strong_augmentation=simclr", "--strong_augmentation=simclr: choose one of augmentation, scan"),
         ("--self_label_guard=maybe", "--self_label_guard=maybe: expected true or false"),
+        ("--pretext_loss=byol", "--pretext_loss=byol: choose one of tutorial, ntxent, vicreg"),
+        ("--recipe=cpu --small_views=-1", "--small_views=-1: must be 0 (none or all) or positive"),
+        (
+            "--recipe=cpu --small_views=2 --small_view_size=24",
+            "--small_view_size=24: must be at least 8 (the small encoder's smallest input) and smaller than the full "
+            "views' side, 24 (VIEW_SIZE or TARGET_SIZE)",
+        ),
+        ("--recipe=cpu --small_views=2 --small_view_size=4", "--small_view_size=4: must be at least 8"),
+        (
+            "--recipe=cpu --pretext_loss=vicreg --representation_batch_size=1",
+            "--pretext_loss=vicreg takes its variances over the batch: use --representation_batch_size=2 or more",
+        ),
     ],
 )
 def test_impossible_settings_are_rejected(argument, message):
@@ -246,7 +258,7 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
     )
     scan_recipe = script_settings(["--recipe=scan"])
     assert scan_recipe.encoder == "resnet18" and scan_recipe.augmentation == "simclr"
-    assert scan_recipe.contrastive_loss == "ntxent" and scan_recipe.clustering_loss == "scan"
+    assert scan_recipe.pretext_loss == "ntxent" and scan_recipe.clustering_loss == "scan"
     assert (scan_recipe.k_neighbours, scan_recipe.num_clusters, scan_recipe.representation_epochs) == (20, 10, 500)
     assert scan_recipe.encoder_during_clustering == "tuned" and scan_recipe.self_label_threshold == 0.99
     assert scan_recipe.entropy_loss_weight == 5.0 and scan_recipe.temperature == 0.1
@@ -263,7 +275,7 @@ def test_recipe_supplies_defaults_and_the_command_line_wins():
         assert settings.num_clusters == 20 and settings.encoder == "resnet18"
     # Each component stays switchable on its own.
     mixed = script_settings(["--recipe=scan", "--clustering_loss=tutorial", "--encoder=small"])
-    assert (mixed.clustering_loss, mixed.encoder, mixed.contrastive_loss) == ("tutorial", "small", "ntxent")
+    assert (mixed.clustering_loss, mixed.encoder, mixed.pretext_loss) == ("tutorial", "small", "ntxent")
     cpu = script_settings(["--recipe=cpu"])
     # The cpu recipe leaves self-labeling out: its guard undid it in every measured run.
     assert cpu.holdout_images > 0 and cpu.encoder == "small" and cpu.self_label_epochs == 0
@@ -373,8 +385,11 @@ def test_a_recipe_on_a_folder_never_reaches_for_cifar10(tmp_path, monkeypatch, c
         (["--feature_views=2"], "--feature_views=2 does nothing with --encoder_during_clustering=frozen"),
         (["--torch_conventions=true"], "--torch_conventions=True does nothing with --encoder=resnet50v2 (only with resnet18 or small); set --torch_conventions=False"),
         (["--recipe=cpu", "--dropout_rate=0.3"], "--dropout_rate=0.3 does nothing with --projection_head=mlp"),
-        (["--recipe=cpu", "--l2_normalize=true"], "--l2_normalize=True does nothing with --contrastive_loss=ntxent"),
+        (["--recipe=cpu", "--l2_normalize=true"], "--l2_normalize=True does nothing with --pretext_loss=ntxent"),
         (["--entropy_loss_weight=2"], "--entropy_loss_weight=2.0 does nothing with --clustering_loss=tutorial"),
+        (["--recipe=cpu", "--pretext_loss=vicreg", "--temperature=0.2"], "--temperature=0.2 does nothing with --pretext_loss=vicreg (only with tutorial or ntxent)"),
+        (["--small_views=2"], "--small_views=2 does nothing with --pretext_loss=tutorial (only with ntxent or vicreg); set --small_views=0 or --pretext_loss=ntxent"),
+        (["--recipe=cpu", "--small_view_size=12"], "--small_view_size=12 does nothing with --small_views=0; set --small_view_size=16 or --small_views=2"),
     ],
 )  # fmt: skip
 def test_a_setting_that_would_do_nothing_with_the_others_is_one_error_line(arguments, message):
@@ -390,6 +405,16 @@ def test_settings_that_act_with_the_others_given_are_accepted():
     assert script_settings(["--encoder=small", "--torch_conventions=true"]).torch_conventions is True
     assert script_settings(["--dropout_rate=0.3"]).dropout_rate == 0.3  # the tutorial's projection head
     assert script_settings(["--clustering_loss=scan", "--entropy_loss_weight=2"]).entropy_loss_weight == 2.0
+    multi_crop = script_settings(["--recipe=cpu", "--pretext_loss=vicreg", "--small_views=4", "--small_view_size=12"])
+    assert (multi_crop.pretext_loss, multi_crop.small_views, multi_crop.small_view_size) == ("vicreg", 4, 12)
+
+
+def test_the_old_name_of_the_pretext_loss_names_the_new_one():
+    with pytest.raises(
+        UsageError,
+        match=r"^--contrastive_loss=ntxent was renamed in this version: use --pretext_loss=ntxent \(the same values",
+    ):
+        script.main(["--recipe=cpu", "--contrastive_loss=ntxent"])
 
 
 def test_the_old_recipe_name_quick_names_its_successor():
