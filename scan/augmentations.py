@@ -56,8 +56,12 @@ class ImageAugmentation(layers.Layer):
     With `output_size`, the resampling writes augmented images of that side directly (no second resize).
     """
 
+    KINDS = ("tutorial", "simclr", "scan")
+
     def __init__(self, kind, seed=None, output_size=None, **kwargs):
         super().__init__(**{"dtype": "float32", **kwargs})  # Pixels stay float32 under mixed precision.
+        if kind not in self.KINDS:  # A misspelt kind would otherwise train silently on SCAN's strong augmentation.
+            raise ValueError(f"unknown augmentation kind {kind!r}; choose one of {', '.join(self.KINDS)}")
         self.kind = kind
         self.output_size = output_size
         self.seed_generator = keras.random.SeedGenerator(seed)
