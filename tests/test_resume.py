@@ -16,7 +16,7 @@ import scan.training
 import scan_cifar10 as script
 from conftest import SCRIPT, make_image_folder, run_script, with_settings
 from scan.backend import resolve_mixed_precision
-from scan.cache import STAGE_SETTINGS, data_fingerprint, stage_fingerprints
+from scan.cache import NOT_FINGERPRINTED, STAGE_SETTINGS, data_fingerprint, stage_fingerprints
 from scan.data import CIFAR10_SPLITS, Dataset
 from scan.files import write_atomically
 from scan.run import Run
@@ -212,6 +212,16 @@ def test_fingerprints_change_from_the_changed_stage_on():
     assert [base[stage] == neighbours[stage] for stage in STAGES] == [True, True, False, False, False]
     other_data = stage_fingerprints("other", settings, STAGE_SETTINGS)
     assert all(base[stage] != other_data[stage] for stage in STAGES)
+
+
+def test_every_setting_is_fingerprinted_or_listed_as_changing_no_stage():
+    with open(script.__file__) as file:
+        settings = {name.lower() for name in read_settings_block(file.read())}
+    fingerprinted = {name for names in STAGE_SETTINGS.values() for name in names}
+    listed = set(NOT_FINGERPRINTED)
+    assert settings - fingerprinted - listed == set()  # in neither: a stale stage would be reused after it changed
+    assert fingerprinted & listed == set()  # in both: the list would say something untrue
+    assert (fingerprinted | listed) - settings == set()  # no name of a setting that does not exist
 
 
 def test_data_fingerprint_covers_pixels_and_labels():
