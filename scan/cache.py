@@ -50,7 +50,7 @@ NOT_FINGERPRINTED = {
     "output_dir": "where the cache is, not what it holds",
     "resume": "whether the cache is read, not what it holds",
     "prune_cache": "what is deleted after the run",
-    "embedding_batch_size": "predictions are the same in batches of any size (feature views use batches of their own)",
+    "embedding_batch_size": "batched predictions agree to float rounding (feature views have batches of their own)",
     "prediction_neighbours": "the vote is counted after the stages, from the cached predictions",
     "prototypes_per_cluster": "an output of the cluster analysis",
     "sheet_images": "an output of the cluster analysis",
@@ -59,7 +59,7 @@ NOT_FINGERPRINTED = {
     "data_on_device": "where the rows wait, not which rows a batch holds",
     "compilation_cache": "where compiled steps are kept",
     "checkpoint_seconds": "how often training saves its state, not what it trains",
-    "distribution": "a data-parallel step computes the step of the whole batch",
+    "distribution": "a data-parallel step is the whole batch's step, to float rounding",
 }
 # The representation stage's fingerprint keeps the name its batch size had, and the SGD momentum that was a setting,
 # from before the settings were renamed, so that an encoder trained then (hours of SimCLR on a GPU) is still reused.
