@@ -66,8 +66,12 @@ class ImageAugmentation(layers.Layer):
     is the range of the "simclr" crops' area, as a share of the image.
     """
 
+    KINDS = ("tutorial", "simclr", "scan")
+
     def __init__(self, kind, seed=None, output_size=None, crop_area=CROP_AREA, **kwargs):
         super().__init__(**{"dtype": "float32", **kwargs})  # Pixels stay float32 under mixed precision.
+        if kind not in self.KINDS:  # A misspelt kind would otherwise train silently on SCAN's strong augmentation.
+            raise ValueError(f"unknown augmentation kind {kind!r}; choose one of {', '.join(self.KINDS)}")
         self.kind = kind
         self.output_size = output_size
         self.crop_area = crop_area

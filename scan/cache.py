@@ -38,6 +38,31 @@ STAGE_SETTINGS = {
     ],
     "predictions": [],
 }  # fmt: skip
+# The settings that change no stage's result, each with why. With STAGE_SETTINGS they name every setting once, so a
+# new setting is a choice between the two (tests/test_resume.py): one forgotten would let a stale result be reused.
+NOT_FINGERPRINTED = {
+    "recipe": "it sets other settings' defaults, fingerprinted as they end up",
+    "data": "the data fingerprint covers the training images",
+    "holdout_images": "the data fingerprint covers the training images",
+    "max_images": "the data fingerprint covers the training images",
+    "input_size": "the data fingerprint covers the training images",
+    "image_fit": "the data fingerprint covers the training images",
+    "eval_data": "no cached stage sees the evaluated images",
+    "assign_data": "new images are assigned after the stages, by the cached ones",
+    "output_dir": "where the cache is, not what it holds",
+    "resume": "whether the cache is read, not what it holds",
+    "prune_cache": "what is deleted after the run",
+    "embedding_batch_size": "batched predictions agree to float rounding (feature views have batches of their own)",
+    "prediction_neighbours": "the vote is counted after the stages, from the cached predictions",
+    "prototypes_per_cluster": "an output of the cluster analysis",
+    "sheet_images": "an output of the cluster analysis",
+    "sort_into": "an output of the cluster analysis",
+    "sort_copies": "an output of the cluster analysis",
+    "data_on_device": "where the rows wait, not which rows a batch holds",
+    "compilation_cache": "where compiled steps are kept",
+    "checkpoint_seconds": "how often training saves its state, not what it trains",
+    "distribution": "a data-parallel step is the whole batch's step, to float rounding",
+}
 # The representation stage's fingerprint keeps the names its batch size and its loss had, and the SGD momentum that
 # was a setting, from before the settings were renamed, so that an encoder trained then (hours of SimCLR on a GPU) is
 # still reused; the settings added since are left out of it at the values that compute what the stage computed

@@ -44,15 +44,24 @@ def head_backbone(representation, head_features):
     return representation.projected_encoder if head_features == "projection" else representation.encoder
 
 
+# FEATURE_VIEWS augments this many images at a time, whatever EMBEDDING_BATCH_SIZE: an augmentation draws for its
+# whole batch, and SCAN's cut-out takes the batch's mean colour, so the views would otherwise depend on a setting that
+# their fingerprint leaves out. 500 is EMBEDDING_BATCH_SIZE's default: the views that runs at the default cached.
+VIEW_AUGMENTATION_BATCH = 500
+
+
 def augmented_features(embedder, images, augmentation, num_views, batch_size):
-    """[num_images, num_views, dims]: the L2-normalised `embedder` features of `num_views` views of each image, each
-    drawn by `augmentation` (in training mode), batch by batch."""
+    """[num_images, num_views, dims]: the L2-normalised `embedder` features (`batch_size` images a prediction) of
+    `num_views` views of each image, each drawn by `augmentation` (in training mode), VIEW_AUGMENTATION_BATCH images
+    at a time."""
     views = []
     for _ in range(num_views):
         augmented = np.concatenate(
             [
-                ops.convert_to_numpy(augmentation(images[start : start + batch_size].astype("float32"), training=True))
-                for start in range(0, len(images), batch_size)
+                ops.convert_to_numpy(
+                    augmentation(images[start : start + VIEW_AUGMENTATION_BATCH].astype("float32"), training=True)
+                )
+                for start in range(0, len(images), VIEW_AUGMENTATION_BATCH)
             ]
         )
         views.append(compute_embeddings(embedder, augmented, batch_size))

@@ -1,5 +1,7 @@
 """Shared helpers: tiny generated data sets, so no test touches the network or the real CIFAR-10."""
 
+import csv
+import hashlib
 import os
 import pickle
 import subprocess
@@ -85,3 +87,20 @@ def run_here(monkeypatch, capsys):
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / "images")
+
+
+def check_sorted_as_listed(target, table, data_root):
+    """Checks that each image that `table` (clusters.csv or assigned.csv) lists lies, under the sorting `target`, in
+    the folder `cluster-NN` its row names, and that nothing else lies there: files are matched by their bytes to the
+    sources (paths relative to `data_root`)."""
+    with open(table, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    digest = lambda path: hashlib.sha256(open(path, "rb").read()).hexdigest()  # noqa: E731
+    listed = [(f"cluster-{int(row['cluster']):02d}", digest(os.path.join(data_root, row["source"]))) for row in rows]
+    found = [
+        (folder, digest(os.path.join(target, folder, name)))
+        for folder in os.listdir(target)
+        if folder.startswith("cluster-")
+        for name in os.listdir(os.path.join(target, folder))
+    ]
+    assert sorted(found) == sorted(listed)

@@ -6,12 +6,15 @@ import sys
 
 import numpy as np
 import pytest
-from keras import layers, ops
+from keras import layers, ops, random
 
 from conftest import REPO
 from scan.augmentations import (
     ImageAugmentation,
     affine_resample,
+    create_data_augmentation,
+    random_colour_distortion,
+    random_resized_crop_transforms,
     rescale_transforms,
     sample_tutorial_parameters,
     tutorial_transforms,
@@ -108,13 +111,104 @@ def test_a_halved_output_grid_of_the_identity_map_is_2x2_average_pooling():
     np.testing.assert_allclose(ops.convert_to_numpy(ours), pooled, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["tutorial", "simclr", "weak"])
+@pytest.mark.parametrize("kind", ["tutorial", "simclr", "scan"])
 def test_augmentation_writes_views_of_the_requested_side(kind):
     images = smooth_images()
     augmentation = ImageAugmentation(kind, seed=3, output_size=12)
     views = ops.convert_to_numpy(augmentation(images, training=True))
     assert views.shape == (len(images), 12, 12, 3)
     assert views.min() >= -1e-3 and views.max() <= 255 + 1e-3
+
+
+@pytest.mark.parametrize("kind", ["weak", "SimCLR", "tutorial-layers", ""])
+def test_an_unknown_kind_is_an_error_not_scans_strong_augmentation(kind):
+    with pytest.raises(ValueError, match=f"^unknown augmentation kind '{kind}'; choose one of tutorial, simclr, scan$"):
+        ImageAugmentation(kind, seed=0)
+    if kind != "tutorial-layers":  # the tutorial's own Keras layers, which create_data_augmentation builds
+        with pytest.raises(ValueError, match="unknown augmentation kind"):
+            create_data_augmentation(kind, seed=0)
+
+
+def twin_uniform(seed, shape):
+    """`draw(low, high)`: the values that keras.random.uniform draws from SeedGenerator(`seed`), call after call, as
+    the augmentation's own generator of that seed draws them."""
+    generator = random.SeedGenerator(seed)
+    return lambda low=0.0, high=1.0: ops.convert_to_numpy(random.uniform(shape, low, high, seed=generator))
+
+
+def test_simclr_crops_are_those_of_its_definition_read_back_from_a_ramp():
+    # Red is each pixel's column, green its row: bilinear resampling keeps a ramp a ramp, so each view's red and green
+    # give where its crop lies in the image and how large it is, away from the clamped first and last row and column.
+    count = 400
+    rows, columns = np.mgrid[0:HEIGHT, 0:WIDTH].astype("float32")
+    ramps = np.repeat(np.stack([columns, rows, np.zeros_like(rows)], axis=-1)[None], count, axis=0)
+    transforms = random_resized_crop_transforms(count, HEIGHT, WIDTH, random.SeedGenerator(5))
+    views = ops.convert_to_numpy(affine_resample(ops.convert_to_tensor(ramps), transforms))[:, 1:-1, 1:-1]
+    np.testing.assert_allclose(views[..., 0], views[:, :1, :, 0].repeat(HEIGHT - 2, axis=1), atol=1e-3)  # no rotation
+    np.testing.assert_allclose(views[..., 1], views[:, :, :1, 1].repeat(WIDTH - 2, axis=2), atol=1e-3)
+    x_step, y_step = views[:, 0, 1, 0] - views[:, 0, 0, 0], views[:, 1, 0, 1] - views[:, 0, 0, 1]
+    # The output pixel x samples the crop at its left edge + (x + 0.5) x its width share (mirrored when flipped).
+    crop_width, crop_height, flipped = np.abs(x_step), y_step, x_step < 0
+    left = np.where(flipped, views[:, 0, 0, 0] + (WIDTH - 1.5) * x_step, views[:, 0, 0, 0] - 1.5 * crop_width) + 0.5
+    top = views[:, 0, 0, 1] - 1.5 * crop_height + 0.5
+    # SimCLR's random resized crop as SCAN configures it: area 0.2-1 of the image, aspect ratio 3/4-4/3 drawn
+    # log-uniformly, each side at most the image's, a uniform position inside the image, a horizontal flip half the time.
+    draw = twin_uniform(5, (count,))
+    area, aspect = draw(0.2, 1.0), np.exp(draw(np.log(3 / 4), np.log(4 / 3)))
+    width_share, height_share = np.minimum(np.sqrt(area * aspect), 1), np.minimum(np.sqrt(area / aspect), 1)
+    np.testing.assert_allclose(crop_width, width_share, atol=1e-4)
+    np.testing.assert_allclose(crop_height, height_share, atol=1e-4)
+    np.testing.assert_allclose(left, draw() * (1 - width_share) * WIDTH, atol=2e-3)
+    np.testing.assert_allclose(top, draw() * (1 - height_share) * HEIGHT, atol=2e-3)
+    np.testing.assert_array_equal(flipped, draw() < 0.5)
+    # Whatever the draws, every crop lies in the image, its area and shape within the definition's ranges.
+    assert (left >= -2e-3).all() and (left + crop_width * WIDTH <= WIDTH + 2e-3).all()
+    assert (top >= -2e-3).all() and (top + crop_height * HEIGHT <= HEIGHT + 2e-3).all()
+    uncapped = (crop_width < 1) & (crop_height < 1)
+    assert uncapped.mean() > 0.8 and flipped.mean() == pytest.approx(0.5, abs=0.1)
+    assert (crop_width * crop_height)[uncapped].min() >= 0.2 - 1e-4 and (crop_width * crop_height).max() <= 1 + 1e-4
+    assert (
+        3 / 4 - 1e-3 <= (crop_width / crop_height)[uncapped].min() <= (crop_width / crop_height).max() <= 4 / 3 + 1e-3
+    )
+
+
+YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])  # NTSC's RGB -> YIQ
+
+
+def colour_distortion_by_hand(images, brightness, contrast, saturation, hue, jitter, gray):
+    """SimCLR's colour distortion in numpy, from per-image draws [B, 1, 1, 1]: brightness, contrast (about the image's
+    mean luma), saturation (about each pixel's luma) and hue (a turn of `hue` x 360 degrees of the YIQ chroma), each
+    clipped to [0, 1], where `jitter` < 0.8; then, where `gray` < 0.2, the luma in all three channels."""
+    luma = lambda x: x @ YIQ[0]  # noqa: E731  ([..., 3] -> [...])
+    jittered = np.clip(images * brightness, 0, 1)
+    mean = luma(jittered).mean(axis=(1, 2))[:, None, None, None]
+    jittered = np.clip((jittered - mean) * contrast + mean, 0, 1)
+    jittered = np.clip((jittered - luma(jittered)[..., None]) * saturation + luma(jittered)[..., None], 0, 1)
+    angle = hue[:, 0, 0, 0] * 2 * np.pi
+    cos, sin, zeros, ones = np.cos(angle), np.sin(angle), np.zeros_like(angle), np.ones_like(angle)
+    turn = np.array([[ones, zeros, zeros], [zeros, cos, -sin], [zeros, sin, cos]]).transpose(
+        2, 0, 1
+    )  # Y kept, I-Q turned
+    jittered = np.clip(np.einsum("dc,bce,ef,bhwf->bhwd", np.linalg.inv(YIQ), turn, YIQ, jittered), 0, 1)
+    distorted = np.where(jitter < 0.8, jittered, images)
+    return np.where(gray < 0.2, luma(distorted)[..., None].repeat(3, axis=-1), distorted)
+
+
+def test_simclr_colour_distortion_changes_two_colour_images_as_its_formulas_say():
+    # Each image is two flat colours side by side, so that contrast (about the image's mean) and saturation (about
+    # each pixel's own luma) differ; SimCLR's strength 0.5 for CIFAR-10: jitter 0.4, 0.4, 0.4 and hue 0.1.
+    count = 600
+    colours = np.random.default_rng(4).uniform(0.05, 0.95, (count, 1, 2, 3)).astype("float32")
+    images = colours.repeat(2, axis=1).repeat(3, axis=2)  # [600, 2, 6, 3]
+    distorted = ops.convert_to_numpy(random_colour_distortion(ops.convert_to_tensor(images), random.SeedGenerator(9)))
+    draw = twin_uniform(9, (count, 1, 1, 1))
+    draws = [draw(1 - 0.4, 1 + 0.4), draw(1 - 0.4, 1 + 0.4), draw(1 - 0.4, 1 + 0.4), draw(-0.1, 0.1), draw(), draw()]
+    np.testing.assert_allclose(distorted, colour_distortion_by_hand(images, *draws), atol=1e-5)
+    # Each flat colour stays flat; a fifth of the images turn gray, and 0.2 x 0.8 stay as they were (no jitter, no gray).
+    assert np.ptp(distorted.reshape(count, 2, 2, 3, 3), axis=(1, 3)).max() < 1e-6  # [B, rows, halves, columns, RGB]
+    gray = np.ptp(distorted, axis=-1).max(axis=(1, 2)) < 1e-5
+    unchanged = np.abs(distorted - images).max(axis=(1, 2, 3)) < 1e-6
+    assert gray.mean() == pytest.approx(0.2, abs=0.05) and unchanged.mean() == pytest.approx(0.16, abs=0.05)
 
 
 def test_tutorial_augmentation_layer_is_random_and_keeps_shape():

@@ -5,10 +5,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections import namedtuple
 
 import keras
@@ -17,7 +13,8 @@ import pytest
 
 import scan.cache
 import scan.files
-from conftest import SCRIPT, make_image_folder, with_settings
+import scan.training
+from conftest import make_image_folder, with_settings
 from scan.cache import StageCache, cache_report
 from scan.files import DiskFullError, save_array, save_weights, weights_bytes, write_atomically
 from scan.training import create_optimizer
@@ -109,30 +106,25 @@ def test_a_stage_warns_before_it_starts_when_its_files_will_not_fit(tmp_path, mo
     ]
 
 
-# Runs the script with numpy.save failing for want of space once a few bytes are written: the first array saved is
-# the embeddings, after the representation has been trained and cached.
-FULL_DISK_RUNNER = """
-import errno, os, runpy, sys
-import numpy
-
-def save(file, array, *args, **kwargs):
-    with open(file, "wb") as handle:
-        handle.write(b"x" * 1000)
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-numpy.save = save
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path, run_here):
+def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path, run_here, monkeypatch):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     args = [f"--data={folder}", f"--output_dir={output_dir}", *TINY]
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    full = subprocess.run([sys.executable, "-c", FULL_DISK_RUNNER, SCRIPT, *args], cwd=tmp_path, env=environment,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    # numpy.save fails for want of space once a few bytes are written: the first array saved is the embeddings, after
+    # the representation has been trained and cached.
+    def save(file, array, *args, **kwargs):
+        with open(file, "wb") as handle:
+            handle.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def exit_at_once(status):  # the command's os._exit, as a SystemExit that run_here reads the status of
+        raise SystemExit(status)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "save", save)
+        patch.setattr(scan.training.os, "_exit", exit_at_once)
+        full = run_here(args, cwd=tmp_path)
     assert full.returncode == 2, full.stderr[-3000:]
     assert "Traceback" not in full.stderr
     match = DISK_FULL.match(full.stderr.strip().splitlines()[-1])
@@ -147,29 +139,32 @@ def test_a_full_disk_mid_run_ends_with_one_line_and_the_rerun_resumes(tmp_path, 
     assert "representation learning: done before" in rerun.stdout and "Epoch 1/2" in rerun.stdout  # clustering's
 
 
-def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_path, run_here):
+def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_path, run_here, monkeypatch):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
     # No checkpoint is due for an hour, so only the SIGTERM save can explain where the rerun resumes.
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=40"),
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=6"),
             "--checkpoint_seconds=3600"]  # fmt: skip
-    environment = {**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    lines, errors = [], []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True).start()
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not any(line.startswith("Epoch 3/") for line in lines):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    time.sleep(0.5)  # the readers' last lines
-    assert process.returncode == 143, "".join(errors)[-3000:]
-    assert "SIGTERM: saving at the end of this epoch, then stopping" in "".join(errors)
-    assert errors[-1].strip() == "terminated (SIGTERM) after saving this epoch: run the same command again to resume"
-    completed = sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in lines)
-    assert completed >= 2 and not os.path.exists(output_dir / "metrics.json")
+
+    # SIGTERM arrives, with the command's handler installed, as the third epoch begins.
+    def signal_in_epoch_3(checkpoint, epoch, logs=None):
+        if epoch + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with monkeypatch.context() as patch:  # undone after it: the rerun is a new command, asked to stop by nothing
+        patch.setattr(scan.training.EpochCheckpoint, "on_epoch_begin", signal_in_epoch_3, raising=False)
+        patch.setattr(scan.training.TERMINATION, "requested", False)
+        previous_handler = signal.signal(signal.SIGTERM, scan.training.TERMINATION.handle)
+        try:
+            terminated = run_here(args, cwd=tmp_path)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+    assert terminated.returncode == 143, terminated.stderr[-3000:]
+    assert "SIGTERM: saving at the end of this epoch, then stopping" in terminated.stderr
+    last = terminated.stderr.strip().splitlines()[-1]
+    assert last == "terminated (SIGTERM) after saving this epoch: run the same command again to resume"
+    completed = sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in terminated.stdout.splitlines())
+    assert completed == 3 and not os.path.exists(output_dir / "metrics.json")
     backup = next((output_dir / "cache").glob("representation-*.backup"))
     assert json.loads((backup / "state.json").read_text())["epoch"] == completed
 
@@ -180,9 +175,9 @@ def test_sigterm_saves_the_epoch_it_is_in_and_the_rerun_resumes_after_it(tmp_pat
     (output_dir / "cache" / "compiled" / "program").write_bytes(b"xla")
     resumed = run_here([*args, "--prune_cache=true"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"representation learning: resuming after epoch {completed} of 40" in resumed.stdout
-    assert f"Epoch {completed + 1}/40" in resumed.stdout and "Epoch 1/40" not in resumed.stdout
-    assert len(json.loads((output_dir / "metrics.json").read_text())["losses"]["representation"]) == 40
+    assert f"representation learning: resuming after epoch {completed} of 6" in resumed.stdout
+    assert f"Epoch {completed + 1}/6" in resumed.stdout and "Epoch 1/6" not in resumed.stdout
+    assert len(json.loads((output_dir / "metrics.json").read_text())["losses"]["representation"]) == 6
     assert not stale.exists() and (output_dir / "cache" / "compiled" / "program").exists()
     results = [name for name in os.listdir(output_dir / "cache") if name != "compiled"]
     assert len({name.split(".")[0] for name in results}) == 5  # representation, embeddings, neighbours, ...

@@ -1,6 +1,7 @@
 """The whole script as a user runs it, on a tiny generated image folder, under both backends."""
 
 import csv
+import html.parser
 import json
 import os
 import re
@@ -8,13 +9,134 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from conftest import make_image_folder, run_script
+from conftest import check_sorted_as_listed, make_image_folder, run_script, with_settings
 from scan.neighbours import weighted_knn_votes
 
 TINY = ["--representation_batch_size=8", "--clustering_batch_size=8", "--self_label_batch_size=8", "--representation_epochs=1", "--clustering_epochs=1", "--num_clusters=3",
         "--k_neighbours=2", "--embedding_batch_size=10", "--prototypes_per_cluster=4"]  # fmt: skip
 FIGURES = ["augmentations.png", "representation_loss.png", "neighbours.png", "clustering_loss.png", "prototypes.png"]
+
+
+def read_table(path):
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def scores_by_hand(rows, classes, num_clusters):
+    """One split's scores from its rows of clusters.csv: the count of each class in each cluster, the accuracy of the
+    best one-to-one matching of clusters to classes (scipy), that of each cluster's majority class, NMI and ARI
+    (scikit-learn)."""
+    clusters = np.array([int(row["cluster"]) for row in rows])
+    labels = np.array([classes.index(row["label"]) for row in rows])
+    counts = np.zeros((num_clusters, len(classes)), dtype=int)
+    np.add.at(counts, (clusters, labels), 1)
+    scores = {
+        "images": len(rows),
+        "cluster_sizes": counts.sum(axis=1).tolist(),
+        "hungarian_acc": counts[linear_sum_assignment(counts, maximize=True)].sum() / len(rows),
+        "majority_acc": counts.max(axis=1).sum() / len(rows),
+        "nmi": normalized_mutual_info_score(labels, clusters),
+        "ari": adjusted_rand_score(labels, clusters),
+    }
+    scores["acc"] = scores["majority_acc" if num_clusters > len(classes) else "hungarian_acc"]
+    return counts, scores
+
+
+def check_scores_against_clusters_csv(output_dir, printed, num_clusters):
+    """Every score that metrics.json, the printed report and the RESULT line give, against the same scores recomputed
+    from clusters.csv; the neighbour purity against the cached neighbours and clusters.csv's labels."""
+    rows, metrics = read_table(output_dir / "clusters.csv"), json.loads((output_dir / "metrics.json").read_text())
+    classes = sorted({row["label"] for row in rows})
+    counts, expected = {}, {}
+    for split in metrics["splits"]:
+        split_rows = [row for row in rows if row["split"] == split]
+        counts[split], expected[split] = scores_by_hand(split_rows, classes, num_clusters)
+        for name, value in expected[split].items():
+            assert metrics["splits"][split][name] == pytest.approx(value, abs=1e-12), (split, name)
+        line = re.search(rf"^{split} split \(.*\): accuracy (\S+) \(.*\), NMI (\S+), ARI (\S+)$", printed, flags=re.M)
+        scores = expected[split]
+        assert line.groups() == (f"{scores['acc']:.2%}", f"{scores['nmi']:.4f}", f"{scores['ari']:.4f}"), split
+    split = "eval" if "eval" in metrics["splits"] else "train"
+    scores = expected[split]
+    assert printed.strip().splitlines()[-1] == (
+        f"RESULT split={split} images={scores['images']} clusters={num_clusters} acc={scores['acc']:.4f} "
+        f"nmi={scores['nmi']:.4f} ari={scores['ari']:.4f}"
+    )
+    # The tutorial's report of the training images: each cluster's size, majority label and its share, then overall.
+    train_counts = counts["train"]
+    sizes = train_counts.sum(axis=1)
+    assert [int(size) for size in re.findall(r"^cluster \d+ : (\d+)$", printed, flags=re.M)] == sizes.tolist()
+    assert metrics["cluster_sizes"] == sizes.tolist() and len(metrics["clusters"]) == num_clusters
+    for cluster, (size, reported) in enumerate(zip(sizes, metrics["clusters"], strict=True)):
+        assert reported["cluster"] == cluster and reported["size"] == size
+        if not size:
+            assert f"\ncluster {cluster} is empty\n" in printed
+            continue
+        label = re.search(rf"^cluster {cluster} label is: (\S+) - accuracy: ([\d.]+) %$", printed, flags=re.M)
+        assert label.group(1) == reported["label"]
+        assert train_counts[cluster, classes.index(reported["label"])] == train_counts[cluster].max()  # ties either way
+        share = 100 * train_counts[cluster].max() / size
+        assert float(label.group(2)) == reported["accuracy"] == pytest.approx(share, abs=0.005)
+    overall = re.search(r"^overall majority-label accuracy: ([\d.]+) % of (\d+) images$", printed, flags=re.M)
+    share = 100 * train_counts.max(axis=1).sum() / sizes.sum()
+    assert float(overall.group(1)) == metrics["overall_accuracy"] == pytest.approx(share, abs=0.005)
+    assert int(overall.group(2)) == sizes.sum()
+    # clusters.csv lists the training images in the order the cached neighbours index them.
+    (neighbours,) = [np.load(path) for path in (output_dir / "cache").glob("neighbours-*.npy")]
+    labels = np.array([classes.index(row["label"]) for row in rows if row["split"] == "train"])
+    purity = np.mean(labels[neighbours] == labels[:, None])
+    assert metrics["neighbour_purity"] == pytest.approx(purity, abs=1e-12)
+    assert f"neighbour purity: {purity:.2%} of the {neighbours.shape[1]} neighbours share" in printed
+
+
+class ReportPage(html.parser.HTMLParser):
+    """report.html's score items, and each cluster card's heading and facts, as texts."""
+
+    def __init__(self, path):
+        super().__init__(convert_charrefs=True)
+        self.scores, self.cards, self.card, self.tag = [], {}, None, None
+        with open(path, encoding="utf-8") as file:
+            self.feed(file.read())
+
+    def handle_starttag(self, tag, attributes):
+        self.tag = tag
+        if tag == "li":
+            self.scores.append("")
+        if tag == "article":
+            self.card = self.cards[dict(attributes)["id"]] = []
+
+    def handle_endtag(self, tag):
+        self.tag = None
+        if tag == "article":
+            self.card = None
+
+    def handle_data(self, data):
+        if self.card is not None and self.tag in ("h2", "span"):
+            self.card.append(data)
+        elif self.scores and self.tag in ("li", "strong"):
+            self.scores[-1] += data
+
+
+def check_report_page(output_dir):
+    """report.html of a labelled run against metrics.json: the evaluated split's scores, then a card per cluster with
+    its size, majority label and accuracy, an empty cluster with its size alone."""
+    page, metrics = ReportPage(output_dir / "report.html"), json.loads((output_dir / "metrics.json").read_text())
+    split = "eval" if "eval" in metrics["splits"] else "train"
+    scores = metrics["splits"][split]
+    assert page.scores == [
+        f"accuracy {100 * scores['acc']:.1f}%", f"NMI {scores['nmi']:.3f}", f"ARI {scores['ari']:.3f}",
+        f"on {scores['images']} {split} images",
+    ]  # fmt: skip
+    cards = {}
+    for cluster in metrics["clusters"]:
+        facts = [f"{cluster['size']} image{'s' if cluster['size'] != 1 else ''}"]
+        if cluster["size"]:
+            facts += [f"majority: {cluster['label']}", f"accuracy {cluster['accuracy']:.1f}%"]
+        cards[f"cluster-{cluster['cluster']:02d}"] = [f"Cluster {cluster['cluster']}", *facts]
+    assert page.cards == cards
 
 
 # TensorFlow runs the tutorial's ResNet50V2; JAX the small encoder, as ResNet50V2's XLA compilation takes
@@ -50,17 +172,14 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
         r"^cluster (\d) (?:label is: (class_\d) - accuracy: ([\d.]+) %|is empty)$", out, flags=re.MULTILINE
     )
     assert len(label_lines) == 3
-    overall = float(
-        re.search(r"^overall majority-label accuracy: ([\d.]+) % of 24 images$", out, flags=re.MULTILINE).group(1)
-    )
-    assert 100 / 3 - 0.01 <= overall <= 100
 
     for name in FIGURES:
         with Image.open(output_dir / name) as figure:
             assert figure.format == "PNG" and figure.size[0] > 100
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["cluster_sizes"] == sizes
-    assert metrics["overall_accuracy"] == overall
+    check_scores_against_clusters_csv(output_dir, out, 3)
+    check_report_page(output_dir)
     assert [cluster["size"] for cluster in metrics["clusters"]] == sizes
     assert set(metrics["timings_seconds"]) >= {
         "data",
@@ -92,6 +211,24 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
     assert float(re.search(r"acc=([\d.]+)", last).group(1)) == pytest.approx(
         metrics["splits"]["train"]["acc"], abs=1e-4
     )
+
+
+def test_a_mixed_bfloat16_run_reports_sorts_and_shows_its_empty_clusters_as_its_files_say(
+    tmp_path, image_folder, run_here
+):
+    # Twelve clusters for three classes: some stay empty, and the accuracy maps each cluster to its majority class.
+    # Mixed precision (bfloat16 on a CPU too) runs to the RESULT line.
+    output_dir, target = tmp_path / "out", tmp_path / "sorted"
+    args = [f"--data={image_folder}", f"--output_dir={output_dir}", "--encoder=small", f"--sort_into={target}",
+            "--mixed_precision=mixed_bfloat16", *with_settings(TINY, "--num_clusters=12")]  # fmt: skip
+    result = run_here(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "backend tensorflow on CPU only, mixed_bfloat16, recipe tutorial" in result.stdout
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert 0 in metrics["cluster_sizes"] and metrics["splits"]["train"]["accuracy_mapping"] == "many-to-one majority"
+    check_scores_against_clusters_csv(output_dir, result.stdout, 12)
+    check_report_page(output_dir)
+    check_sorted_as_listed(target, output_dir / "clusters.csv", image_folder)
 
 
 # On JAX the cpu recipe's run also shows that each training step and each model's prediction compiles once, and
@@ -143,7 +280,8 @@ def test_tiny_recipe_runs_evaluate_on_held_out_images(tmp_path, recipe, backend,
     assert metrics["settings"]["encoder"] == {"gpu": "resnet18", "scan": "resnet18", "cpu": "small"}[recipe]
     assert metrics["settings"]["pretext_loss"] == "ntxent" and metrics["settings"]["clustering_loss"] == "scan"
     assert set(metrics["splits"]) == {"train", "eval"} and metrics["splits"]["eval"]["images"] == 6
-    assert 0 <= metrics["neighbour_purity"] <= 1
+    check_scores_against_clusters_csv(output_dir, out, 3)
+    check_report_page(output_dir)
     assert knn and float(knn.group(1)) == round(100 * metrics["knn_accuracy"], 2)
     # With KEEP_BEST_CLUSTERING_EPOCH (scan, cpu), each epoch's SCAN loss of the best head as well.
     keep_best = recipe in ("scan", "cpu")
@@ -200,6 +338,7 @@ def test_prediction_neighbours_vote_for_every_image_in_training_and_in_assigning
     head_alone = re.search(r"^  the clustering model alone: accuracy ([\d.]+)%", trained.stdout, flags=re.MULTILINE)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     assert metrics["splits"]["eval"]["head_acc"] == pytest.approx(float(head_alone.group(1)) / 100, abs=1e-4)
+    check_scores_against_clusters_csv(output_dir, trained.stdout, 3)
     with open(output_dir / "clusters.csv", newline="") as file:
         learned = list(csv.DictReader(file))
     # The training images' rows are the vote (tested against a brute-force one in test_representation.py) of the
@@ -238,7 +377,8 @@ def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(
         learned = {row["source"]: row for row in csv.DictReader(file)}
     assert sorted(row["split"] for row in learned.values()).count("eval") == 6 and len(learned) == 30
 
-    assigned = run_here([*args, f"--assign_data={folder}"], cwd=tmp_path)
+    # Sorting is no stage's setting: the assigning run reuses every stage, and lays each image out where it went.
+    assigned = run_here([*args, f"--assign_data={folder}", f"--sort_into={tmp_path / 'sorted'}"], cwd=tmp_path)
     assert assigned.returncode == 0, assigned.stderr[-3000:]
     out = assigned.stdout
     assert not re.search(r"^Epoch \d", out, flags=re.MULTILINE)  # nothing trained
@@ -256,6 +396,7 @@ def test_assign_data_puts_new_images_into_the_learned_clusters_without_training(
     assert sizes == [sum(row["cluster"] == str(cluster) for row in rows) for cluster in range(3)]
     assert sorted(os.listdir(output_dir / "assigned")) == ["cluster-00.jpg", "cluster-01.jpg", "cluster-02.jpg"]
     assert out.strip().splitlines()[-1] == "RESULT split=assigned images=30 clusters=3"
+    check_sorted_as_listed(tmp_path / "sorted", output_dir / "assigned.csv", folder)
 
     # Settings that were never trained: one line that says which command trains them; nothing assigned.
     (output_dir / "assigned.csv").unlink()

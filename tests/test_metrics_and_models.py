@@ -202,13 +202,12 @@ def test_feature_views_cache_the_features_of_strongly_augmented_views_of_each_im
     assert head_inputs.inputs is neighbours.feature_vectors and head_inputs.training_rows.shape == (12, 4, 8)
     np.testing.assert_array_equal(head_inputs.training_rows[:, 0], head_inputs.inputs)
     assert isinstance(head_inputs.augmentation, FeatureViews)
-    # The reference: SCAN's strong augmentation drawn batch by batch from the same seed (SEED + 13), view after
-    # view, then the encoder's features of the normalised views by hand, L2-normalised in numpy.
+    # The reference: SCAN's strong augmentation drawn from the same seed (SEED + 13), view after view, for all 12
+    # images at once (not in EMBEDDING_BATCH_SIZE's batches of 5: the views must not depend on a setting that their
+    # fingerprint leaves out), then the encoder's features of the normalised views by hand, L2-normalised in numpy.
     augmentation = ImageAugmentation("scan", seed=4 + 13)
     for view in range(1, 4):
-        augmented = np.concatenate(
-            [ops.convert_to_numpy(augmentation(images[start : start + 5], training=True)) for start in (0, 5, 10)]
-        )
+        augmented = ops.convert_to_numpy(augmentation(images, training=True))
         reference = encoder.predict(normalization(augmented), verbose=0)
         reference /= np.linalg.norm(reference, axis=1, keepdims=True)
         np.testing.assert_allclose(head_inputs.training_rows[:, view], reference, atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import scan_cifar10 as script
+from conftest import check_sorted_as_listed
 from scan.images import heif_support
 from scan.settings import UsageError
 
@@ -95,6 +96,7 @@ def test_a_nested_photo_library_runs_unlabelled_with_a_page_and_its_photos_sorte
     assert all(data == by_name[name.split("/")[1]] for name, data in laid_out.items())
     assert {path: (open(path, "rb").read(), os.stat(path).st_mtime_ns) for path in photos} == originals
     assert "sorted 21 photos into " in printed and "hard links" in printed
+    check_sorted_as_listed(target, out / "clusters.csv", tmp_path / "Pictures")
 
     # New photos into the clusters learned: assigned.html, and the sorting laid out again for them.
     new = tmp_path / "next-week"
@@ -105,6 +107,7 @@ def test_a_nested_photo_library_runs_unlabelled_with_a_page_and_its_photos_sorte
     keras.mixed_precision.set_global_policy("float32")
     check_page(out / "assigned.html", 3)
     assert sorted(name.split("/")[1] for name in sorted_files(target)) == ["new_0.jpg", "new_1.jpg"]
+    check_sorted_as_listed(target, out / "assigned.csv", new)
 
 
 def test_a_portrait_photo_is_decoded_upright_in_the_run(tmp_path):

@@ -6,17 +6,15 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
 import scan.training
 import scan_cifar10 as script
-from conftest import SCRIPT, make_image_folder, run_script, with_settings
+from conftest import REPO, SCRIPT, make_image_folder, run_script, with_settings
 from scan.backend import resolve_mixed_precision
-from scan.cache import STAGE_SETTINGS, data_fingerprint, stage_fingerprints
+from scan.cache import NOT_FINGERPRINTED, STAGE_SETTINGS, data_fingerprint, stage_fingerprints
 from scan.data import CIFAR10_SPLITS, Dataset
 from scan.files import write_atomically
 from scan.run import Run
@@ -81,49 +79,55 @@ def test_cache_skips_finished_stages_and_reruns_only_what_a_setting_changes(run_
     assert all(cache_files(tmp_path / "out")[name] > modified for name, modified in after_first.items())
 
 
+# Runs the script, whose checkpoint is due at the end of epoch argv[1] only, and which is killed (SIGKILL) once epoch
+# argv[2] has ended, as a machine that dies between two checkpoints: a real kill, after a known epoch, not a timed one.
+KILLED_RUNNER = """
+import os, runpy, signal, sys
+import scan.training
+
+save_at, kill_after = int(sys.argv[1]), int(sys.argv[2])
+on_epoch_end = scan.training.EpochCheckpoint.on_epoch_end
+
+def save_at_one_epoch(checkpoint, epoch, logs=None):
+    checkpoint.every_seconds = 0 if epoch + 1 == save_at else float("inf")
+    on_epoch_end(checkpoint, epoch, logs)
+
+def die(checkpoint, epoch, logs=None):
+    if epoch == kill_after:  # epoch `kill_after` has ended, its line printed; the next one begins
+        os.kill(os.getpid(), signal.SIGKILL)
+
+scan.training.EpochCheckpoint.on_epoch_end = save_at_one_epoch
+scan.training.EpochCheckpoint.on_epoch_begin = die
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 # On JAX, data-parallel over two virtual devices: the checkpoint of the replicated weights, the hardest case. The same
 # checkpoints resume a TensorFlow run after SIGTERM (test_disk_and_sigterm.py).
 def test_sigkill_between_checkpoints_resumes_from_the_last_saved_epoch(tmp_path):
     folder = make_image_folder(tmp_path / "images")
     output_dir = tmp_path / "out"
-    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=200"),
-            "--checkpoint_seconds=3", "--distribution=data_parallel"]  # fmt: skip
+    args = [f"--data={folder}", f"--output_dir={output_dir}", *with_settings(TINY, "--representation_epochs=6"),
+            "--distribution=data_parallel"]  # fmt: skip
     devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    environment = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONUNBUFFERED": "1", **devices}
-    process = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, env=environment, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-    lines = []
-    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-    completed = lambda: sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in lines)  # noqa: E731
-    deadline = time.time() + 300
-    saved = None
-    while time.time() < deadline and process.poll() is None:
-        states = [os.path.join(root, "state.json") for root, _, files in os.walk(output_dir) if "state.json" in files]
-        if states:
-            try:
-                saved = json.loads(open(states[0]).read())["epoch"]
-            except (OSError, ValueError):  # seen mid-rename
-                continue
-            # Two epochs past the checkpoint, well before the next one is due: kill.
-            if completed() >= saved + 2:
-                process.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "training ended before it could be killed"
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO, **devices}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUNNER, "2", "4", SCRIPT, *args], cwd=tmp_path,
+                            env=environment, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not os.path.exists(output_dir / "metrics.json")
-    trained = completed()
-    assert saved < trained  # killed between two checkpoints: epochs after the last one were lost
+    assert sum(bool(re.match(r"^\d+/\d+ - .*loss: ", line)) for line in killed.stdout.splitlines()) == 4
+    (state,) = [json.loads((backup / "state.json").read_text()) for backup in (output_dir / "cache").glob("*.backup")]
+    assert state["epoch"] == 2 and len(state["history"]["loss"]) == 2  # epochs 3 and 4 were lost with the process
 
     resumed = run_script(args, cwd=tmp_path, backend="jax", env=devices)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "data-parallel over 2 devices (global batches: SimCLR 8, clustering 8" in resumed.stdout
-    match = re.search(r"representation learning: resuming after epoch (\d+) of 200", resumed.stdout)
-    assert match and saved <= int(match.group(1)) < trained
-    assert f"Epoch {int(match.group(1)) + 1}/200" in resumed.stdout and "Epoch 1/200" not in resumed.stdout
+    assert "representation learning: resuming after epoch 2 of 6" in resumed.stdout
+    assert "Epoch 3/6" in resumed.stdout and "Epoch 1/6" not in resumed.stdout
     metrics = json.loads((output_dir / "metrics.json").read_text())
     losses = metrics["losses"]["representation"]
-    assert len(losses) == 200 and np.all(np.isfinite(losses))  # the history covers every epoch
+    assert len(losses) == 6 and np.all(np.isfinite(losses))  # the history covers every epoch
     assert not [name for name in os.listdir(output_dir / "cache") if name.endswith(".backup")]
 
 
@@ -212,6 +216,16 @@ def test_fingerprints_change_from_the_changed_stage_on():
     assert [base[stage] == neighbours[stage] for stage in STAGES] == [True, True, False, False, False]
     other_data = stage_fingerprints("other", settings, STAGE_SETTINGS)
     assert all(base[stage] != other_data[stage] for stage in STAGES)
+
+
+def test_every_setting_is_fingerprinted_or_listed_as_changing_no_stage():
+    with open(script.__file__) as file:
+        settings = {name.lower() for name in read_settings_block(file.read())}
+    fingerprinted = {name for names in STAGE_SETTINGS.values() for name in names}
+    listed = set(NOT_FINGERPRINTED)
+    assert settings - fingerprinted - listed == set()  # in neither: a stale stage would be reused after it changed
+    assert fingerprinted & listed == set()  # in both: the list would say something untrue
+    assert (fingerprinted | listed) - settings == set()  # no name of a setting that does not exist
 
 
 def test_data_fingerprint_covers_pixels_and_labels():

@@ -7,7 +7,7 @@ import pytest
 
 import scan.data
 import scan_cifar10 as script
-from conftest import SCRIPT, make_image_folder, run_script
+from conftest import SCRIPT, make_image_folder
 from scan.data import CIFAR10_SPLITS, holdout_count
 from scan.run import Run
 from scan.settings import (
@@ -290,8 +290,8 @@ def test_every_recipe_names_only_real_settings_and_valid_choices():
     assert script.RECIPES["tutorial"] == {}
 
 
-def test_help_lists_every_setting_with_default_and_comment(tmp_path):
-    result = run_script(["--help"], cwd=tmp_path)
+def test_help_lists_every_setting_with_default_and_comment(tmp_path, run_here):
+    result = run_here(["--help"], cwd=tmp_path)
     assert result.returncode == 0
     help_text = " ".join(result.stdout.split())  # argparse wraps long lines
     with open(SCRIPT) as file:
