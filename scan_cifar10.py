@@ -163,7 +163,7 @@ K_NEIGHBOURS = 5  # neighbours of each image used during cluster learning (>= 1)
 MINING_FEATURES = "tutorial"  # neighbours among "tutorial" (the encoder's, of raw pixels: its quirk), "encoder" or "projection" (SCAN) features
 
 # Clustering
-NUM_CLUSTERS = 20  # number of clusters (>= 2); 0 = chosen from the data (your own DATA, unless given, gets 0)
+NUM_CLUSTERS = 20  # number of clusters (>= 2), or 0: chosen from the data (what your own DATA gets unless it is given)
 NUM_HEADS = 1  # clustering heads trained side by side; the one with the lowest SCAN loss is kept
 CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_anchor, p_neighbour>, weighted entropy)
 SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)

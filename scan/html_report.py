@@ -107,8 +107,8 @@ def choice_block(choice, command):
     parts = [
         '<section class="choice">\n<h2>How many clusters</h2>',
         f"<p>{chosen} clusters, chosen from the data: of the k-means splits into {choice['counts'][0]} to "
-        f"{choice['counts'][-1]} clusters, the one that keeps the most neighbour links inside clusters against chance "
-        f"(modularity {scores[chosen]:.4f}; a near-tie goes to the larger number; cluster_count.png below).</p>",
+        f"{choice['counts'][-1]} clusters, the one whose neighbour links stay inside clusters most, against chance "
+        f"(modularity {scores[chosen]:.4f}; near-ties go to the larger number; cluster_count.png below).</p>",
     ]
     if choice["runners_up"]:
         parts.append("<p>The runners-up, each rerun by its command (only clustering runs again):</p>\n<ul>")

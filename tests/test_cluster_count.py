@@ -85,13 +85,14 @@ def test_candidates_grow_with_the_data_within_their_bounds():
 
 
 def test_a_near_tie_goes_to_the_larger_number_and_runners_up_are_the_next_best():
-    counts, scores = [2, 3, 4, 5, 6], [0.30, 0.500, 0.4960, 0.40, 0.4970]
-    choice = choose_count(counts, scores)  # 0.4960 and 0.4970 are within 1 % of 0.5
+    counts, scores = [2, 3, 4, 5, 6], [0.30, 0.500, 0.4980, 0.40, 0.4976]
+    choice = choose_count(counts, scores)  # 0.4980 and 0.4976 are within 0.5 % of 0.5
     assert choice.chosen == 6 and choice.runners_up == [3, 4]
     assert choose_count(counts, scores, near_tie=0.0).chosen == 3
+    assert choose_count(counts, [0.30, 0.500, 0.4970, 0.40, 0.4960]).chosen == 3  # more than 0.5 % below: no tie
     assert choose_count([2], [0.1]).runners_up == []
     lines = sweep_lines(choice)
-    assert lines[4] == "    6 clusters: modularity 0.4970  <- chosen"
+    assert lines[4] == "    6 clusters: modularity 0.4976  <- chosen"
     assert lines[-1] == "number of clusters: 6, chosen from the data (runners-up: 3 and 4; --num_clusters=N sets it)"
 
 
