@@ -134,7 +134,7 @@ def report_page(title, settings_line, scores, clusters, figures, folder, choice=
     if scores:
         parts.append('<ul class="scores">' + "".join(score_items(scores)) + "</ul>")
     if choice:
-        parts.append(choice_block(choice, settings_line))
+        parts.append(choice_block(choice, display_name(settings_line)))
     parts.append(f'</header>\n<h2>{len(clusters)} clusters</h2>\n<section class="clusters">')
     parts += [cluster_card(cluster, folder) for cluster in clusters]
     parts.append("</section>")

@@ -20,7 +20,7 @@ from scan.cluster_count import (
     score_counts,
     sweep_lines,
 )
-from scan.html_report import with_setting
+from scan.html_report import with_setting, write_report
 from scan.settings import parse_settings, read_settings_block
 
 TINY = ["--encoder=small", "--representation_batch_size=16", "--clustering_batch_size=16", "--representation_epochs=1",
@@ -103,6 +103,18 @@ def test_the_rerun_command_replaces_or_adds_the_number():
     assert with_setting("python scan_cifar10.py --data=a", "num_clusters", 9) == (
         "python scan_cifar10.py --data=a --num_clusters=9"
     )
+
+
+def test_the_page_names_the_choice_and_a_safe_command_for_each_runner_up(tmp_path):
+    choice = choose_count([2, 3, 4, 5], [0.2, 0.5, 0.45, 0.3])._asdict()
+    command = "python scan_cifar10.py --data=caf\udce9/<b>x</b> --num_clusters=0"  # a name that is not UTF-8, and HTML
+    write_report(str(tmp_path / "report.html"), "t", command, None, [], [], choice)
+    shown = " ".join(" ".join(Choice(tmp_path / "report.html").text).split())
+    assert "3 clusters, chosen from the data" in shown and "(modularity 0.5000;" in shown
+    for number, score in [(4, "0.4500"), (5, "0.3000")]:  # the runners-up, best first
+        assert f"{number} clusters (modularity {score}): python scan_cifar10.py --data=caf\\xe9/<b>x</b> " in shown
+        assert f"--num_clusters={number}" in shown
+    assert "<b>" not in (tmp_path / "report.html").read_text()
 
 
 def settings_of(argv):
