@@ -25,8 +25,8 @@ every stage runs data-parallel over all of them (DISTRIBUTION), each stage's bat
 
 This file reads as the tutorial: its settings, then its sections in order, each a few lines. The machinery they
 stand on lives beside it in the package `scan/`, one module per concern (settings, backend, data, images, batches,
-augmentations, models, losses, training, files, cache, run, neighbours, clustering, self_labeling, metrics, reports,
-html_report, sorting).
+augmentations, models, losses, training, files, cache, run, neighbours, cluster_count, clustering, self_labeling,
+metrics, reports, html_report, sorting).
 
 Measured (docs/speed.md, docs/cpu-recipe.md and docs/gpu-recipe.md have the full reports):
 - the tutorial's defaults (60,000 images, 50 + 50 epochs) with JAX 0.11.2 on one NVIDIA H100: 4.9 minutes, 25.05 %
@@ -72,7 +72,8 @@ from scan.augmentations import (
 )
 from scan.backend import CompilationLog, gather_replicas, replica_share, set_up_devices
 from scan.batches import DeviceRows, RowBatches, hold_on_device, predict_in_full_batches
-from scan.cache import STAGE_SETTINGS, data_fingerprint
+from scan.cache import STAGE_SETTINGS, StageCache, data_fingerprint
+from scan.cluster_count import METHOD, candidate_counts, choose_count, plot_cluster_count, score_counts, sweep_lines
 from scan.clustering import (
     choose_head_inputs,
     cluster_predictor,
@@ -162,7 +163,7 @@ K_NEIGHBOURS = 5  # neighbours of each image used during cluster learning (>= 1)
 MINING_FEATURES = "tutorial"  # neighbours among "tutorial" (the encoder's, of raw pixels: its quirk), "encoder" or "projection" (SCAN) features
 
 # Clustering
-NUM_CLUSTERS = 20  # number of clusters (>= 2)
+NUM_CLUSTERS = 20  # number of clusters (>= 2), or 0: chosen from the data (what your own DATA gets unless it is given)
 NUM_HEADS = 1  # clustering heads trained side by side; the one with the lowest SCAN loss is kept
 CLUSTERING_LOSS = "tutorial"  # "tutorial" (its quirks kept) or "scan" (-log <p_anchor, p_neighbour>, weighted entropy)
 SAMPLE_ONE_NEIGHBOUR = False  # False: each step uses all K neighbours; True: one random neighbour per anchor (SCAN)
@@ -298,6 +299,10 @@ def prepare_data(run):
         print(f"evaluation data: {display_name(eval_set.source)} (never trained on)")
     else:
         print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
+    if settings.num_clusters:
+        print(f"clusters: {settings.num_clusters} (--num_clusters=0 chooses the number from the data)")
+    else:
+        print("clusters: chosen from the data once the neighbours are mined (--num_clusters=N to set it)")
     return Data(dataset, eval_set, data_fingerprint(dataset), new)
 
 
@@ -605,6 +610,44 @@ def find_neighbours(run, data, preprocessing, representation, knn_monitor=True):
 
 
 """
+## Choose the number of clusters
+
+Not in the tutorial, which is told its 20: with NUM_CLUSTERS = 0 (what your own images get unless --num_clusters is
+given), the number is chosen from what the neighbours stage found, without labels (`scan/cluster_count.py`). Each
+candidate, from 2 up to a number that grows with the data, splits the images by k-means on the features the
+neighbours were mined in; each split is scored by how many neighbour links it keeps inside clusters, against chance
+(its modularity on the neighbour graph). The best number is chosen, a near-tie going to the larger one. The sweep
+takes seconds to a minute and is cached; the stages after it are those of a run given the chosen number.
+"""
+
+
+def choose_num_clusters(run, neighbours):
+    """Scores each candidate number of clusters on the neighbours' features and graph (or reuses the cached sweep),
+    prints a line per candidate and the number chosen, sets NUM_CLUSTERS to it; saves cluster_count.png. Returns the
+    ClusterCount."""
+    settings = run.settings
+    counts = candidate_counts(len(neighbours.indices))
+    print(
+        f"k-means into {counts[0]} to {counts[-1]} clusters, each split scored by its modularity on the neighbour "
+        "graph (the share of neighbour links inside clusters, against chance)"
+    )
+    fingerprint = StageCache.fingerprint(
+        run.fingerprints["neighbours"], "cluster_count", {"seed": settings.seed, "counts": counts, "method": METHOD}
+    )
+    scores = run.cache.array(
+        "cluster_count", fingerprint, "cluster count",
+        lambda: score_counts(neighbours.feature_vectors, neighbours.indices, counts, settings.seed),
+        later_stages_follow=False,  # The chosen number is in the later stages' fingerprints.
+    )  # fmt: skip
+    count = choose_count(counts, scores)
+    print("\n".join(sweep_lines(count)))
+    run.set_num_clusters(count.chosen)
+    run.fingerprints["cluster_count"] = fingerprint  # --prune_cache keeps the sweep
+    plot_cluster_count(count, run.figure_path("cluster_count.png"))
+    return count
+
+
+"""
 ## Semantic clustering with nearest neighbours
 
 ### Implement clustering consistency loss
@@ -814,9 +857,10 @@ class Analysis(NamedTuple):
     assigned: list  # [(split, Dataset, cluster probabilities)] of every split, for clusters.csv and the page
 
 
-def analyse_clusters(run, data, preprocessing, representation, neighbours, clustering):
+def analyse_clusters(run, data, preprocessing, representation, neighbours, clustering, cluster_count=None):
     """Assigns every image to a cluster, prints the tutorial's report and each split's accuracy, NMI and ARI, and
-    saves prototypes.png and the confusion matrices."""
+    saves prototypes.png and the confusion matrices; the report keeps the sweep `cluster_count` that chose the
+    number of clusters, if one did, for metrics.json and report.html."""
     settings, train, evaluated = run.settings, data.train, data.eval
     head_probs = head_predictions(run, data, clustering)
     predict = cluster_predictor(settings, preprocessing, representation, neighbours, clustering, train, head_probs)
@@ -830,6 +874,8 @@ def analyse_clusters(run, data, preprocessing, representation, neighbours, clust
     report = report_clusters(
         clustering_probs, labels, class_names, settings.prototypes_per_cluster, train.images, run.figure_path
     )
+    if cluster_count is not None:  # metrics.json and report.html show the sweep.
+        report["cluster_count"] = cluster_count._asdict()
     splits = {
         "train": evaluate_split(
             "train", "the images trained on", clustering_probs, labels, class_names, run.figure_path
@@ -883,6 +929,8 @@ def assign_images(run, data, preprocessing):
     representation = learn_representation(run, data, preprocessing)
     # The kNN monitor measured the training run; assigning needs only what the clusters were learned from.
     neighbours = find_neighbours(run, data, preprocessing, representation, knn_monitor=False)
+    if not settings.num_clusters:
+        choose_num_clusters(run, neighbours)
     clustering = learn_clusters(run, data, preprocessing, representation, neighbours)
     if settings.self_label_epochs:
         self_label(run, data, representation, neighbours, clustering)
@@ -942,6 +990,12 @@ def train_and_evaluate(settings, devices):
     with run.times.stage("neighbours"):
         neighbours = find_neighbours(run, data, preprocessing, representation)
 
+    cluster_count = None  # NUM_CLUSTERS was given.
+    if not settings.num_clusters:
+        print("\n## Choose the number of clusters")
+        with run.times.stage("cluster_count"):
+            cluster_count = choose_num_clusters(run, neighbours)
+
     print(f"\n## Semantic clustering with nearest neighbours: {settings.clustering_epochs} epochs")
     with run.times.stage("clustering"):
         clustering = learn_clusters(run, data, preprocessing, representation, neighbours)
@@ -954,7 +1008,7 @@ def train_and_evaluate(settings, devices):
 
     print("\n## Cluster analysis")
     with run.times.stage("cluster_analysis"):
-        analysis = analyse_clusters(run, data, preprocessing, representation, neighbours, clustering)
+        analysis = analyse_clusters(run, data, preprocessing, representation, neighbours, clustering, cluster_count)
     metrics = write_metrics(run, data, representation, neighbours, clustering, self_labeling, analysis)
     save_cluster_outputs(run, data, analysis)  # After metrics.json: what can fail for reasons outside the model.
     return metrics

@@ -115,9 +115,10 @@ class StageCache:
             os.remove(path)
             return None
 
-    def array(self, stage, fingerprint, title, compute, expected_bytes=0):
+    def array(self, stage, fingerprint, title, compute, expected_bytes=0, later_stages_follow=True):
         """The stage's array from the cache, or `compute()`, saved there; warns first if fewer than `expected_bytes`
-        (rows x columns x item size) are free."""
+        (rows x columns x item size) are free. `later_stages_follow=False`: the later stages depend on this array
+        only through their fingerprints (the sweep of NUM_CLUSTERS = 0), so computing it does not recompute them."""
         path = self.path(stage, fingerprint, ".npy")
         array = self.read(path, lambda path: np.load(path, allow_pickle=False))
         if array is not None:
@@ -125,7 +126,7 @@ class StageCache:
             return array
         self.refuse_to_compute(title)
         warn_if_short_of_space(self.folder, expected_bytes, title)
-        self.recomputed = True
+        self.recomputed = self.recomputed or later_stages_follow
         array = compute()
         save_array(array, path)
         return array

@@ -34,6 +34,9 @@ img { display: block; max-width: 100%; height: auto; }
 .figures img { background: #fff; }
 figcaption { font-size: 0.85rem; color: #666; overflow-wrap: anywhere; }
 .missing { color: #999; font-style: italic; }
+.choice { background: #fff; border-radius: 10px; padding: 10px; margin: 0 0 1em; }
+.choice p, .choice ul { margin: 0.3em 0; }
+code { font: 0.85rem/1.4 ui-monospace, Menlo, Consolas, monospace; overflow-wrap: anywhere; }
 """
 
 
@@ -90,7 +93,36 @@ def figure_block(path, folder):
     return f'<figure><img src="{link}" alt="{name}" loading="lazy"><figcaption>{name}</figcaption></figure>'
 
 
-def report_page(title, settings_line, scores, clusters, figures, folder):
+def with_setting(command, name, value):
+    """`command` with --`name`=`value` in place of its own --`name`=..., or added at its end."""
+    words = [word for word in command.split() if not word.startswith(f"--{name}=")]
+    return " ".join([*words, f"--{name}={value}"])
+
+
+def choice_block(choice, command):
+    """The <section> that says how the number of clusters was chosen (`choice`: a ClusterCount as a dict) and how to
+    rerun `command` with each runner-up, which reuses every stage before clustering."""
+    scores = dict(zip(choice["counts"], choice["scores"], strict=True))
+    chosen = choice["chosen"]
+    parts = [
+        '<section class="choice">\n<h2>How many clusters</h2>',
+        f"<p>{chosen} clusters, chosen from the data: of the k-means splits into {choice['counts'][0]} to "
+        f"{choice['counts'][-1]} clusters, the one whose neighbour links stay inside clusters most, against chance "
+        f"(modularity {scores[chosen]:.4f}; near-ties go to the larger number; cluster_count.png below).</p>",
+    ]
+    if choice["runners_up"]:
+        parts.append("<p>The runners-up, each rerun by its command (only clustering runs again):</p>\n<ul>")
+        parts += [
+            f"<li>{number} clusters (modularity {scores[number]:.4f}): "
+            f"<code>{html.escape(with_setting(command, 'num_clusters', number))}</code></li>"
+            for number in choice["runners_up"]
+        ]
+        parts.append("</ul>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def report_page(title, settings_line, scores, clusters, figures, folder, choice=None):
     """The HTML text of the page (see `write_report`) for a page written into `folder`."""
     parts = [
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">',
@@ -101,6 +133,8 @@ def report_page(title, settings_line, scores, clusters, figures, folder):
     ]
     if scores:
         parts.append('<ul class="scores">' + "".join(score_items(scores)) + "</ul>")
+    if choice:
+        parts.append(choice_block(choice, display_name(settings_line)))
     parts.append(f'</header>\n<h2>{len(clusters)} clusters</h2>\n<section class="clusters">')
     parts += [cluster_card(cluster, folder) for cluster in clusters]
     parts.append("</section>")
@@ -112,29 +146,32 @@ def report_page(title, settings_line, scores, clusters, figures, folder):
     return "\n".join(parts)
 
 
-def write_report(path, title, settings_line, scores, clusters, figures):
+def write_report(path, title, settings_line, scores, clusters, figures, choice=None):
     """Writes the page at `path`: `title`, the run's `settings_line`, the `scores` (a dict such as {"acc": 0.4894,
     "nmi": 0.352, "ari": 0.259, "images": 10000, "split": "eval"}, or None without labels), a card for each of
     `clusters` (dicts {"cluster", "size", "label", "accuracy" (a percentage), "sheet"}, label, accuracy and sheet
     may be None), then the training `figures`. Image paths are relative to the page's folder (absolute ones are
-    made relative to it). Serves clusters.html after training and assigned.html for new images alike."""
+    made relative to it). Serves clusters.html after training and assigned.html for new images alike. `choice`: the
+    sweep that chose the number of clusters (a ClusterCount as a dict), or None when it was given."""
     folder = os.path.dirname(os.path.abspath(path))
-    write_bytes_atomically(path, report_page(title, settings_line, scores, clusters, figures, folder).encode())
+    page = report_page(title, settings_line, scores, clusters, figures, folder, choice)
+    write_bytes_atomically(path, page.encode())
 
 
 # The run's figures, in the order the page shows them below the clusters (those this run drew).
 FIGURES = [
     "prototypes.png", "confusion_matrix_eval.png", "confusion_matrix_train.png", "augmentations.png",
-    "representation_loss.png", "neighbours.png", "clustering_loss.png", "self_label_loss.png",
+    "representation_loss.png", "neighbours.png", "cluster_count.png", "clustering_loss.png", "self_label_loss.png",
 ]  # fmt: skip
 
 
 def write_run_page(output_dir, name, title, command, report, scores=None, sheets=None, figures=()):
     """Writes OUTPUT_DIR/`name` (report.html, assigned.html): the run's `command`, the `scores` of the evaluated
     split (split_metrics's, with "split"; no accuracy without labels), a card per cluster of `report`
-    (report_clusters's: cluster sizes and, with labels, each cluster's majority label and accuracy) with its
-    contact sheet in the folder `sheets` (relative to OUTPUT_DIR; None: no sheets), then the `figures` this run
-    drew (file names in OUTPUT_DIR), in FIGURES' order: never one that an earlier run left there."""
+    (report_clusters's: cluster sizes and, with labels, each cluster's majority label and accuracy; and the sweep
+    that chose their number, "cluster_count", if one did) with its contact sheet in the folder `sheets` (relative
+    to OUTPUT_DIR; None: no sheets), then the `figures` this run drew (file names in OUTPUT_DIR), in FIGURES'
+    order: never one that an earlier run left there."""
     labelled = {cluster["cluster"]: cluster for cluster in report.get("clusters", [])}
     clusters = []
     for number, size in enumerate(report["cluster_sizes"]):
@@ -150,4 +187,4 @@ def write_run_page(output_dir, name, title, command, report, scores=None, sheets
     else:
         scores = None
     drawn = sorted(figures, key=lambda figure: FIGURES.index(figure) if figure in FIGURES else len(FIGURES))
-    write_report(os.path.join(output_dir, name), title, command, scores, clusters, drawn)
+    write_report(os.path.join(output_dir, name), title, command, scores, clusters, drawn, report.get("cluster_count"))

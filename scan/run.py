@@ -50,6 +50,8 @@ class Run:
     cache: StageCache | None = None  # set by open_cache
     fingerprints: dict | None = None  # {stage: fingerprint}, set by open_cache
     figures: list = field(default_factory=list)  # the file names of the figures this run drew, by figure_path
+    data_digest: str | None = None  # data_fingerprint of the training images, set by open_cache
+    stage_settings: dict | None = None  # STAGE_SETTINGS, set by open_cache
 
     def output_path(self, name):
         """Where the output `name` (metrics.json, a table) is written."""
@@ -65,9 +67,16 @@ class Run:
     def open_cache(self, data_digest, stage_settings):
         """Fingerprints every stage (STAGE_SETTINGS: `stage_settings`) and creates the cache folder, with the
         compilation cache in it: the first thing the run writes."""
+        self.data_digest, self.stage_settings = data_digest, stage_settings
         self.fingerprints = stage_fingerprints(data_digest, vars(self.settings), stage_settings)
         self.cache = StageCache(os.path.join(self.settings.output_dir, "cache"), self.settings.resume)
         os.makedirs(self.cache.folder, exist_ok=True)
         compiled = os.path.join(self.cache.folder, "compiled")
         if self.settings.compilation_cache and enable_compilation_cache(compiled):
             print(f"compilation cache: {display_name(compiled)}")
+
+    def set_num_clusters(self, num_clusters):
+        """NUM_CLUSTERS = 0 became `num_clusters`, chosen from the data: the stages from clustering on are fingerprinted
+        as if it had been given, so that a run with --num_clusters=`num_clusters` reuses them."""
+        self.settings.num_clusters = num_clusters
+        self.fingerprints.update(stage_fingerprints(self.data_digest, vars(self.settings), self.stage_settings))

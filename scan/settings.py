@@ -158,6 +158,8 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
     validate_settings refuses them). A recipe's CIFAR-10 evaluation images (an EVAL_DATA among `cifar10_names`)
     apply to CIFAR-10 only: with DATA the user's own images, and no --eval_data given, the recipe holds
     `own_data_holdout` of them out instead (unless --holdout_images is given).
+    CIFAR-10's number of clusters does too: on the user's own images, without --num_clusters, the number is chosen
+    from the data (NUM_CLUSTERS = 0).
     """
     parser = _RaisingArgumentParser(
         prog="scan_cifar10.py",
@@ -194,6 +196,8 @@ def parse_settings(argv, defaults, comments, recipes, cifar10_names=(), own_data
         holdout_from_recipe = "holdout_images" not in given
     # A recipe's hold-out fits the user's own images: a fifth of them, at most HOLDOUT_IMAGES (holdout_count).
     settings["holdout_share"] = 0.2 if own_data and holdout_from_recipe else 0.0
+    if own_data and "num_clusters" not in given:
+        settings["num_clusters"] = 0
     # The command that gives these settings, with the script's constants as they are: report.html shows it.
     settings["command"] = " ".join(["python scan_cifar10.py", *(f"--{name}={text}" for name, text in texts.items())])
     return argparse.Namespace(**settings)
@@ -244,8 +248,10 @@ def check_types_and_ranges(settings):
 
 def check_fractions(settings):
     """The settings that are shares, rates and counts with a floor of their own."""
-    if settings.num_clusters < 2:
-        raise UsageError(f"--num_clusters={settings.num_clusters}: clustering needs at least 2 clusters")
+    if settings.num_clusters < 2 and settings.num_clusters != 0:
+        raise UsageError(
+            f"--num_clusters={settings.num_clusters}: clustering needs at least 2 clusters (0 chooses the number)"
+        )
     if settings.num_augmentations < 2:
         raise UsageError(f"--num_augmentations={settings.num_augmentations}: contrastive learning needs >= 2 views")
     if not 0 <= settings.dropout_rate < 1:

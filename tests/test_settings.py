@@ -83,7 +83,7 @@ def test_overrides_are_parsed_to_the_constant_type():
     assert settings.temperature == 0.5
     assert settings.l2_normalize is True
     assert settings.data == "some/folder"
-    assert parse_settings([], DEFAULTS, COMMENTS, RECIPES).num_clusters == 20
+    assert parse_settings([], DEFAULTS, COMMENTS, RECIPES, ("cifar10",)).num_clusters == 20  # CIFAR-10 keeps its number
     assert parse_settings(["--temperature=1"], DEFAULTS, COMMENTS, RECIPES).temperature == 1.0
     assert parse_settings(["--l2_normalize=0"], DEFAULTS, COMMENTS, RECIPES).l2_normalize is False
 
@@ -110,7 +110,7 @@ DEFAULTS_OF_SCRIPT = {name: getattr(script, name) for name in COMMENTS_OF_SCRIPT
 
 def script_settings(argv):
     """The script's own settings, parsed and validated as main() does."""
-    settings = parse_settings(argv, DEFAULTS_OF_SCRIPT, COMMENTS_OF_SCRIPT, script.RECIPES)
+    settings = parse_settings(argv, DEFAULTS_OF_SCRIPT, COMMENTS_OF_SCRIPT, script.RECIPES, tuple(CIFAR10_SPLITS))
     validate_settings(settings, DEFAULTS_OF_SCRIPT)
     return settings
 
