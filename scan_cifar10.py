@@ -63,17 +63,11 @@ except (ImportError, ValueError) as error:  # an unknown or uninstalled KERAS_BA
 import numpy as np
 from keras import layers, ops
 
-from scan.augmentations import (
-    CROP_AREA,
-    SMALL_VIEW_CROP_AREA,
-    FeatureViews,
-    create_data_augmentation,
-    strong_augmentation_kind,
-)
+from scan.augmentations import FeatureViews, create_data_augmentation, simclr_view_layers, strong_augmentation_kind
 from scan.backend import CompilationLog, gather_replicas, replica_share, set_up_devices
 from scan.batches import DeviceRows, RowBatches, hold_on_device, predict_in_full_batches
-from scan.cache import STAGE_SETTINGS, StageCache, data_fingerprint
-from scan.cluster_count import METHOD, candidate_counts, choose_count, plot_cluster_count, score_counts, sweep_lines
+from scan.cache import STAGE_SETTINGS, data_fingerprint
+from scan.cluster_count import choose_num_clusters
 from scan.clustering import (
     choose_head_inputs,
     cluster_predictor,
@@ -102,8 +96,8 @@ from scan.reports import (
     plot_neighbours,
     report_clusters,
     result_last,
-    result_line,
     save_assignments,
+    save_cluster_outputs,
     write_metrics,
 )
 from scan.run import Run, StageTimes
@@ -475,31 +469,16 @@ class Representation(NamedTuple):
     history: dict  # {"loss": [pretext loss per epoch]}
 
 
-def sized_view_layers(augmentation_kind, normalization, size, seed, crop_area=CROP_AREA):
-    """The preprocessing and the augmentation of views of side `size`: the augmentation resamples each view to that
-    side (from a crop of `crop_area`, a share of the image, with "simclr"), the already adapted `normalization` follows."""
-    preprocessing = keras.Sequential([layers.Resizing(size, size), normalization])
-    return preprocessing, create_data_augmentation(augmentation_kind, seed, size, crop_area)
-
-
 def learn_representation(run, data, preprocessing):
     """Trains the encoder with SimCLR's learner on the PRETEXT_LOSS (or reuses the cached one); saves
     representation_loss.png.
     The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs."""
     settings, x_data, image_rows = run.settings, data.train.images, preprocessing.image_rows
     encoder = create_encoder(settings.encoder, settings.representation_dim, settings.torch_conventions)
-    # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
-    view_preprocessing, view_augmentation = preprocessing.data_preprocessing, preprocessing.data_augmentation
-    normalization = preprocessing.data_preprocessing.layers[-1]
-    if settings.view_size:
-        view_preprocessing, view_augmentation = sized_view_layers(
-            settings.augmentation, normalization, settings.view_size, settings.seed
-        )
-    small_preprocessing, small_augmentation = None, None
-    if settings.small_views:  # SMALL_VIEWS, drawn by augmentations of their own, from crops of a moderate area.
-        small_preprocessing, small_augmentation = sized_view_layers(
-            settings.augmentation, normalization, settings.small_view_size, settings.seed + 21, SMALL_VIEW_CROP_AREA
-        )
+    # SimCLR's views, VIEW_SIZE-sided when it is set, and the SMALL_VIEWS, normalised by the same (adapted) layer.
+    (view_preprocessing, view_augmentation), (small_preprocessing, small_augmentation) = simclr_view_layers(
+        settings, preprocessing.data_preprocessing, preprocessing.data_augmentation
+    )
     representation_learner = RepresentationLearner(
         encoder, settings.projection_units, settings.num_augmentations, view_preprocessing, view_augmentation,
         temperature=settings.temperature, dropout_rate=settings.dropout_rate, l2_normalize=settings.l2_normalize,
@@ -619,32 +598,6 @@ neighbours were mined in; each split is scored by how many neighbour links it ke
 (its modularity on the neighbour graph). The best number is chosen, a near-tie going to the larger one. The sweep
 takes seconds to a minute and is cached; the stages after it are those of a run given the chosen number.
 """
-
-
-def choose_num_clusters(run, neighbours):
-    """Scores each candidate number of clusters on the neighbours' features and graph (or reuses the cached sweep),
-    prints a line per candidate and the number chosen, sets NUM_CLUSTERS to it; saves cluster_count.png. Returns the
-    ClusterCount."""
-    settings = run.settings
-    counts = candidate_counts(len(neighbours.indices))
-    print(
-        f"k-means into {counts[0]} to {counts[-1]} clusters, each split scored by its modularity on the neighbour "
-        "graph (the share of neighbour links inside clusters, against chance)"
-    )
-    fingerprint = StageCache.fingerprint(
-        run.fingerprints["neighbours"], "cluster_count", {"seed": settings.seed, "counts": counts, "method": METHOD}
-    )
-    scores = run.cache.array(
-        "cluster_count", fingerprint, "cluster count",
-        lambda: score_counts(neighbours.feature_vectors, neighbours.indices, counts, settings.seed),
-        later_stages_follow=False,  # The chosen number is in the later stages' fingerprints.
-    )  # fmt: skip
-    count = choose_count(counts, scores)
-    print("\n".join(sweep_lines(count)))
-    run.set_num_clusters(count.chosen)
-    run.fingerprints["cluster_count"] = fingerprint  # --prune_cache keeps the sweep
-    plot_cluster_count(count, run.figure_path("cluster_count.png"))
-    return count
 
 
 """
@@ -900,16 +853,6 @@ Not in the tutorial: `clusters.csv`, a contact sheet per cluster, `report.html` 
 sorted into one folder per cluster. They are written after `metrics.json`, as they can fail for reasons outside the
 model (a full disk, a name the disk refuses): such a failure is one error line that says what was kept.
 """
-
-
-def save_cluster_outputs(run, data, analysis):
-    """Writes clusters.csv, the contact sheets and report.html (with the figures this run drew) and sorts the
-    images (SORT_INTO); then prints the RESULT line, even when one of them failed."""
-    split = data.evaluated()[0]
-    scores, title = {**analysis.splits[split], "split": split}, f"The clusters of {data.train.source}"
-    names = ("clusters.csv", "clusters", "report.html")
-    with result_last(result_line(split, analysis.splits[split], run.settings.num_clusters)):
-        save_assignments(run.settings, analysis.assigned, names, title, analysis.report, scores, run.figures)
 
 
 """

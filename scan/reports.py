@@ -337,3 +337,13 @@ def save_assignments(settings, assigned, names, title, report, scores=None, figu
             settings.sort_into, [(images, probs) for _, images, probs in assigned], settings.sort_copies
         )
         print(display_name(sorted_line))
+
+
+def save_cluster_outputs(run, data, analysis):
+    """Writes clusters.csv, the contact sheets and report.html (with the figures this run drew) and sorts the
+    images (SORT_INTO); then prints the RESULT line, even when one of them failed."""
+    split = data.evaluated()[0]
+    scores, title = {**analysis.splits[split], "split": split}, f"The clusters of {data.train.source}"
+    names = ("clusters.csv", "clusters", "report.html")
+    with result_last(result_line(split, analysis.splits[split], run.settings.num_clusters)):
+        save_assignments(run.settings, analysis.assigned, names, title, analysis.report, scores, run.figures)
