@@ -40,6 +40,13 @@ class ClusterCount(NamedTuple):
     runners_up: list  # the next best numbers, best first (at most two)
 
 
+def planned_count_line(num_clusters):
+    """The line that says, before training, how many clusters the run learns: NUM_CLUSTERS, or (0) chosen later."""
+    if num_clusters:
+        return f"clusters: {num_clusters} (--num_clusters=0 chooses the number from the data)"
+    return "clusters: chosen from the data once the neighbours are mined (--num_clusters=N to set it)"
+
+
 def candidate_counts(num_images):
     """The numbers of clusters a sweep tries: 2 up to LARGEST_COUNT, as many as leave IMAGES_PER_CLUSTER images a
     cluster, or on small data up to SMALL_DATA[0] that leave SMALL_DATA[1] images each; at least [2]."""
