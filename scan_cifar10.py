@@ -19,25 +19,23 @@ Run:
     python scan_cifar10.py --help                           # every setting with its default
 
 Edit the constants below, or override any of them as `--name=value`. Figures and `metrics.json` land in
-OUTPUT_DIR. Finished stages are cached there and interrupted training resumes: run the same command again.
-The script runs on TensorFlow (default) or JAX: `KERAS_BACKEND=jax python scan_cifar10.py`. With several GPUs,
-every stage runs data-parallel over all of them (DISTRIBUTION), each stage's batch size being the global batch.
+OUTPUT_DIR, where finished stages are cached and interrupted training resumes: run the same command again. It runs
+on TensorFlow (default) or JAX (`KERAS_BACKEND=jax`); with several GPUs, every stage runs data-parallel over all of
+them (DISTRIBUTION), each stage's batch size being the global batch.
 
 This file reads as the tutorial: its settings, then its sections in order, each a few lines. The machinery they
-stand on lives beside it in the package `scan/`, one module per concern (settings, backend, data, images, batches,
-augmentations, models, losses, training, files, cache, run, neighbours, cluster_count, clustering, self_labeling,
-metrics, reports, html_report, sorting).
+stand on lives beside it in the package `scan/`, one module per concern (`scan/__init__.py` lists them).
 
-Measured (docs/speed.md, docs/cpu-recipe.md and docs/gpu-recipe.md have the full reports):
-- the tutorial's defaults (60,000 images, 50 + 50 epochs) with JAX 0.11.2 on one NVIDIA H100: 4.9 minutes, 25.05 %
-  overall majority-label accuracy (the tutorial's log: 25.3 %), while Keras decayed the weights by 1e-7 a step,
-  not the tutorial's 1e-4 (docs/settings.md, "Weight decay"; unmeasured since); measured offline on CIFAR-10's
-  50,000 training images as JPEG files and mirrored copies of 10,000 of them, in place of its 10,000 test images;
-- `--recipe=cpu --data=path/to/cifar10-train-jpeg` with TensorFlow 2.21 on a 2-core CPU, 2026-11-30: 17.4 minutes,
-  48.94 % Hungarian accuracy (NMI 0.352, ARI 0.259) on 10,000 held-out images (self-labeling, since dropped from
-  the recipe, was undone by its guard); three SimCLR seeds with nine clustering draws each: 46.6 % on average;
-- `--recipe=gpu --data=path/to/cifar10-train-jpeg` with JAX 0.11.2 on one NVIDIA H200: about 5.1 minutes summed from
-  the stages of two runs, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out images (SCAN reaches
+Measured offline on CIFAR-10's 50,000 training images as JPEG files (full reports: docs/speed.md, docs/cpu-recipe.md
+and docs/gpu-recipe.md):
+- the tutorial's defaults (60,000 images: mirrored copies of 10,000 in place of its 10,000 test images; 50 + 50 epochs),
+  JAX 0.11.2, one NVIDIA H100: 4.9 minutes, 25.05 % overall majority-label accuracy (the tutorial's log: 25.3 %), while
+  Keras decayed weights by 1e-7 a step, not the tutorial's 1e-4 (docs/settings.md, "Weight decay"; unmeasured since);
+- `--recipe=cpu --data=path/to/cifar10-train-jpeg`, TensorFlow 2.21, a 2-core CPU, 2026-11-30: 17.4 minutes, 48.94 %
+  Hungarian accuracy (NMI 0.352, ARI 0.259) on 10,000 held-out images (self-labeling, since dropped from the recipe,
+  was undone by its guard); three SimCLR seeds with nine clustering draws each: 46.6 % on average;
+- `--recipe=gpu --data=path/to/cifar10-train-jpeg`, JAX 0.11.2, one NVIDIA H200: about 5.1 minutes summed from the
+  stages of two runs, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out images (SCAN reaches
   81.8-88.3 % after hours).
 """
 
@@ -63,17 +61,11 @@ except (ImportError, ValueError) as error:  # an unknown or uninstalled KERAS_BA
 import numpy as np
 from keras import layers, ops
 
-from scan.augmentations import (
-    CROP_AREA,
-    SMALL_VIEW_CROP_AREA,
-    FeatureViews,
-    create_data_augmentation,
-    strong_augmentation_kind,
-)
+from scan.augmentations import create_data_augmentation, simclr_view_layers
 from scan.backend import CompilationLog, gather_replicas, replica_share, set_up_devices
-from scan.batches import DeviceRows, RowBatches, hold_on_device, predict_in_full_batches
-from scan.cache import STAGE_SETTINGS, StageCache, data_fingerprint
-from scan.cluster_count import METHOD, candidate_counts, choose_count, plot_cluster_count, score_counts, sweep_lines
+from scan.batches import DeviceRows, RowBatches, hold_on_device
+from scan.cache import STAGE_SETTINGS, data_fingerprint
+from scan.cluster_count import choose_num_clusters, planned_count_line
 from scan.clustering import (
     choose_head_inputs,
     cluster_predictor,
@@ -83,7 +75,7 @@ from scan.clustering import (
     head_predictions,
     keep_best_head,
 )
-from scan.data import CIFAR10_SPLITS, load_assign_data, load_splits
+from scan.data import CIFAR10_SPLITS, describe_data, load_assign_data, load_splits
 from scan.losses import (
     ClustersConsistencyLoss,
     ClustersEntropyLoss,
@@ -91,7 +83,6 @@ from scan.losses import (
     tutorial_contrastive_loss,
     vicreg_loss,
 )
-from scan.metrics import assign_clusters, split_metrics
 from scan.models import create_encoder, create_projection_head
 from scan.names import display_name
 from scan.neighbours import compute_embeddings, mine_neighbours, mining_embedder, monitor_knn_accuracy, neighbour_purity
@@ -101,13 +92,12 @@ from scan.reports import (
     plot_loss_history,
     plot_neighbours,
     report_clusters,
-    result_last,
-    result_line,
-    save_assignments,
+    save_cluster_outputs,
+    save_new_assignments,
     write_metrics,
 )
 from scan.run import Run, StageTimes
-from scan.self_labeling import run_self_labeling
+from scan.self_labeling import run_self_labeling, scores_before, self_labeling_views
 from scan.settings import parse_settings, read_settings_block, validate_against_data, validate_settings
 from scan.sorting import check_sortable_datasets, check_target_outside
 from scan.training import KeepBestEpoch, create_optimizer, learning_rate_schedule, run_as_command, train
@@ -290,19 +280,8 @@ def prepare_data(run):
     # A batch of predictions larger than the data (rounded up to whole batches per device) would only be padding.
     whole_batches = math.ceil(len(dataset.images) / run.num_devices) * run.num_devices
     settings.embedding_batch_size = min(settings.embedding_batch_size, whole_batches)
-    x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
-    print(f"data: {display_name(dataset.source)}")
-    print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
-    if classes is not None:
-        print(f"{len(classes)} classes: {', '.join(display_name(name) for name in classes)}")
-    if eval_set is not None:
-        print(f"evaluation data: {display_name(eval_set.source)} (never trained on)")
-    else:
-        print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")
-    if settings.num_clusters:
-        print(f"clusters: {settings.num_clusters} (--num_clusters=0 chooses the number from the data)")
-    else:
-        print("clusters: chosen from the data once the neighbours are mined (--num_clusters=N to set it)")
+    describe_data(dataset, eval_set)  # Its source, the tutorial's x_data and y_data shapes, its classes, the eval data.
+    print(planned_count_line(settings.num_clusters))
     return Data(dataset, eval_set, data_fingerprint(dataset), new)
 
 
@@ -351,10 +330,8 @@ def prepare_preprocessing(run, data):
     plot_augmentations(x_data[image_idx], title, data_augmentation, run.figure_path("augmentations.png"))
     # The images every training stage learns on; None when each batch is copied from host memory.
     image_rows = hold_on_device(x_data, settings.data_on_device)
-    print(
-        f"training images: {x_data.nbytes / 2**20:.0f} MiB, "
-        + ("held on the device, where each step gathers its batch" if image_rows else "copied batch by batch")
-    )
+    where = "held on the device, where each step gathers its batch" if image_rows else "copied batch by batch"
+    print(f"training images: {x_data.nbytes / 2**20:.0f} MiB, {where}")
     return Preprocessing(data_preprocessing, data_augmentation, image_rows)
 
 
@@ -376,8 +353,7 @@ tutorial, PRETEXT_LOSS = "vicreg" is VICReg (Bardes et al. 2022), which contrast
 image together while it keeps every dimension of the embeddings spread over the batch and the dimensions
 uncorrelated; in short schedules it learned more than SimCLR in published runs (EMP-SSL's table, a ResNet-18 on
 CIFAR-10: 69.7 % against 56.5 % linear accuracy after 10 epochs). SMALL_VIEWS adds smaller views of each image
-(multi-crop, as SwAV and DINO), at a fraction of a full view's cost, each compared with every full view
-(`scan/losses.py`).
+(multi-crop, as SwAV and DINO), each compared with every full view at a fraction of its cost (`scan/losses.py`).
 
 ### Implement the representation learner
 """
@@ -475,31 +451,16 @@ class Representation(NamedTuple):
     history: dict  # {"loss": [pretext loss per epoch]}
 
 
-def sized_view_layers(augmentation_kind, normalization, size, seed, crop_area=CROP_AREA):
-    """The preprocessing and the augmentation of views of side `size`: the augmentation resamples each view to that
-    side (from a crop of `crop_area`, a share of the image, with "simclr"), the already adapted `normalization` follows."""
-    preprocessing = keras.Sequential([layers.Resizing(size, size), normalization])
-    return preprocessing, create_data_augmentation(augmentation_kind, seed, size, crop_area)
-
-
 def learn_representation(run, data, preprocessing):
     """Trains the encoder with SimCLR's learner on the PRETEXT_LOSS (or reuses the cached one); saves
     representation_loss.png.
     The stage keeps the encoder and the projection head: SCAN's code mines neighbours among the latter's outputs."""
     settings, x_data, image_rows = run.settings, data.train.images, preprocessing.image_rows
     encoder = create_encoder(settings.encoder, settings.representation_dim, settings.torch_conventions)
-    # SimCLR's views are VIEW_SIZE-sided when it is set, normalised by the same (already adapted) layer.
-    view_preprocessing, view_augmentation = preprocessing.data_preprocessing, preprocessing.data_augmentation
-    normalization = preprocessing.data_preprocessing.layers[-1]
-    if settings.view_size:
-        view_preprocessing, view_augmentation = sized_view_layers(
-            settings.augmentation, normalization, settings.view_size, settings.seed
-        )
-    small_preprocessing, small_augmentation = None, None
-    if settings.small_views:  # SMALL_VIEWS, drawn by augmentations of their own, from crops of a moderate area.
-        small_preprocessing, small_augmentation = sized_view_layers(
-            settings.augmentation, normalization, settings.small_view_size, settings.seed + 21, SMALL_VIEW_CROP_AREA
-        )
+    # SimCLR's views, VIEW_SIZE-sided when it is set, and the SMALL_VIEWS, normalised by the same (adapted) layer.
+    (view_preprocessing, view_augmentation), (small_preprocessing, small_augmentation) = simclr_view_layers(
+        settings, preprocessing.data_preprocessing, preprocessing.data_augmentation
+    )
     representation_learner = RepresentationLearner(
         encoder, settings.projection_units, settings.num_augmentations, view_preprocessing, view_augmentation,
         temperature=settings.temperature, dropout_rate=settings.dropout_rate, l2_normalize=settings.l2_normalize,
@@ -517,16 +478,12 @@ def learn_representation(run, data, preprocessing):
         )
         rate, epochs = settings.representation_learning_rate, settings.representation_epochs
         lr_scheduler = learning_rate_schedule(
-            rate,
-            epochs * len(batches),
-            settings.learning_rate_decay_steps,
-            settings.learning_rate_decay_alpha,
+            rate, epochs * len(batches), settings.learning_rate_decay_steps, settings.learning_rate_decay_alpha,
             settings.warmup_epochs * len(batches),
-        )
+        )  # fmt: skip
         optimizer = create_optimizer(settings.representation_optimizer, lr_scheduler, settings.weight_decay, rate)
-        remedy = "lower --representation_learning_rate" + (
-            " or raise --temperature" if settings.pretext_loss != "vicreg" else ""
-        )
+        temperature = "" if settings.pretext_loss == "vicreg" else " or raise --temperature"
+        remedy = f"lower --representation_learning_rate{temperature}"
         return train(
             representation_learner, batches, epochs, optimizer, backup_dir, "representation learning", remedy,
             settings.checkpoint_seconds,
@@ -575,11 +532,8 @@ def find_neighbours(run, data, preprocessing, representation, knn_monitor=True):
     prints their label purity and saves neighbours.png. With `knn_monitor`, and labelled evaluation images, also
     prints their weighted kNN accuracy."""
     settings, x_data, y_data = run.settings, data.train.images, data.train.labels
-    mining_units = (
-        settings.projection_units
-        if settings.mining_features == "projection"
-        else representation.encoder.output_shape[-1]
-    )
+    projection = settings.mining_features == "projection"
+    mining_units = settings.projection_units if projection else representation.encoder.output_shape[-1]
     feature_vectors = run.cache.array(
         "embeddings", run.fingerprints["embeddings"], "embeddings",
         lambda: compute_embeddings(
@@ -613,41 +567,12 @@ def find_neighbours(run, data, preprocessing, representation, knn_monitor=True):
 ## Choose the number of clusters
 
 Not in the tutorial, which is told its 20: with NUM_CLUSTERS = 0 (what your own images get unless --num_clusters is
-given), the number is chosen from what the neighbours stage found, without labels (`scan/cluster_count.py`). Each
-candidate, from 2 up to a number that grows with the data, splits the images by k-means on the features the
-neighbours were mined in; each split is scored by how many neighbour links it keeps inside clusters, against chance
-(its modularity on the neighbour graph). The best number is chosen, a near-tie going to the larger one. The sweep
-takes seconds to a minute and is cached; the stages after it are those of a run given the chosen number.
-"""
+given), the number is chosen from the neighbours, without labels (`scan/cluster_count.py: choose_num_clusters`).
+Each candidate, from 2 up to a number that grows with the data, splits the images by k-means on the features the
+neighbours were mined in, scored by how many neighbour links it keeps inside clusters, against chance (its modularity
+on the neighbour graph). The best number is chosen, a near-tie going to the larger one. The sweep takes seconds to a
+minute and is cached; the stages after it are those of a run given the chosen number.
 
-
-def choose_num_clusters(run, neighbours):
-    """Scores each candidate number of clusters on the neighbours' features and graph (or reuses the cached sweep),
-    prints a line per candidate and the number chosen, sets NUM_CLUSTERS to it; saves cluster_count.png. Returns the
-    ClusterCount."""
-    settings = run.settings
-    counts = candidate_counts(len(neighbours.indices))
-    print(
-        f"k-means into {counts[0]} to {counts[-1]} clusters, each split scored by its modularity on the neighbour "
-        "graph (the share of neighbour links inside clusters, against chance)"
-    )
-    fingerprint = StageCache.fingerprint(
-        run.fingerprints["neighbours"], "cluster_count", {"seed": settings.seed, "counts": counts, "method": METHOD}
-    )
-    scores = run.cache.array(
-        "cluster_count", fingerprint, "cluster count",
-        lambda: score_counts(neighbours.feature_vectors, neighbours.indices, counts, settings.seed),
-        later_stages_follow=False,  # The chosen number is in the later stages' fingerprints.
-    )  # fmt: skip
-    count = choose_count(counts, scores)
-    print("\n".join(sweep_lines(count)))
-    run.set_num_clusters(count.chosen)
-    run.fingerprints["cluster_count"] = fingerprint  # --prune_cache keeps the sweep
-    plot_cluster_count(count, run.figure_path("cluster_count.png"))
-    return count
-
-
-"""
 ## Semantic clustering with nearest neighbours
 
 ### Implement clustering consistency loss
@@ -664,10 +589,9 @@ instances to one cluster: log(num_clusters) minus the entropy of the batch's mea
 
 ### Implement clustering model
 
-This model takes a raw image as input, generates its feature vector with the trained encoder, and produces a
-probability distribution over the clusters given the feature vector (`scan/models.py: create_clustering_model`).
-The learner below applies the data augmentation to its inputs during training (the tutorial applies it inside;
-the result is the same).
+This model takes a raw image as input, generates its feature vector with the trained encoder, and produces a probability
+distribution over the clusters given the feature vector (`scan/models.py: create_clustering_model`). The learner below
+applies the data augmentation to its inputs during training (the tutorial applies it inside; the result is the same).
 
 ### Implement clustering learner
 
@@ -682,12 +606,10 @@ The outputs are named after their losses, so the progress lines, `metrics.json` 
 
 
 def create_clustering_learner(clustering_model, data_augmentation, k_neighbours, row_shape, device_rows=None):
-    """`k_neighbours` is the number of neighbours given per anchor: K, or 1 when one is sampled per step.
-
-    The rows are images of `row_shape`, augmented here; or, on cached features, the clustering model is the head
-    alone, the rows are feature vectors and `data_augmentation` is None or FeatureViews. With `device_rows` (a
-    DeviceRows layer), the inputs are the rows' indices and the rows are gathered on the device.
-    """
+    """`k_neighbours` is the number of neighbours given per anchor: K, or 1 when one is sampled per step. The rows are
+    images of `row_shape`, augmented here; or, on cached features, the clustering model is the head alone, the rows are
+    feature vectors and `data_augmentation` is None or FeatureViews. With `device_rows` (a DeviceRows layer), the inputs
+    are the rows' indices and the rows are gathered on the device."""
     augment = (lambda inputs: inputs) if data_augmentation is None else data_augmentation
     if device_rows is None:
         anchor = keras.Input(shape=row_shape, name="anchors")
@@ -758,11 +680,9 @@ def learn_clusters(run, data, preprocessing, representation, neighbours):
             neighbour_indices=neighbours.indices, sample_one_neighbour=settings.sample_one_neighbour,
         )  # fmt: skip
         # With KEEP_BEST_CLUSTERING_EPOCH, the epoch of the lowest SCAN loss is kept, as in SCAN's code.
-        keep_best = [
-            KeepBestEpoch(
-                models.training_model, inputs, neighbours.indices, settings.embedding_batch_size, backup_dir, "clustering"
-            )
-        ] if settings.keep_best_clustering_epoch else []  # fmt: skip
+        keep_best = [KeepBestEpoch(
+            models.training_model, inputs, neighbours.indices, settings.embedding_batch_size, backup_dir, "clustering"
+        )] if settings.keep_best_clustering_epoch else []  # fmt: skip
         rate = settings.clustering_learning_rate
         optimizer = create_optimizer(settings.clustering_optimizer, rate, settings.weight_decay, rate)
         history = train(
@@ -797,28 +717,14 @@ class SelfLabeling(NamedTuple):
 
 
 def self_label(run, data, representation, neighbours, clustering):
-    """Fine-tunes the clustering model on its own confident predictions (or reuses the cached result); saves
-    self_label_loss.png. SCAN reports the accuracy before self-labeling too, so that the stage's own gain (or loss)
-    shows."""
+    """Prints the scores it starts from, as SCAN does, so that the stage's own gain (or loss) shows; fine-tunes the
+    clustering model on its own confident predictions (or reuses the cached result); saves self_label_loss.png."""
     settings, head_inputs = run.settings, clustering.head_inputs
-    split, evaluated = data.evaluated()
-    before = None
-    if evaluated.labels is not None:
-        probabilities = predict_in_full_batches(clustering.model, evaluated.images, settings.embedding_batch_size)
-        before = split_metrics(probabilities, evaluated.labels, evaluated.class_names)[0]
-        del before["matching"]
-        print(
-            f"self-labeling starts from: {split} split accuracy {before['acc']:.2%}, "
-            f"NMI {before['nmi']:.4f}, ARI {before['ari']:.4f}"
-        )
-    augmentations = (None, None)  # Cached features alone: no augmentation can vary them.
-    if isinstance(head_inputs.augmentation, FeatureViews):  # FEATURE_VIEWS: the strong view is drawn among them.
-        augmentations = (FeatureViews(draw=False), FeatureViews(seed=settings.seed + 11))
+    before = scores_before(clustering.model, *data.evaluated(), settings.embedding_batch_size)
     if not head_inputs.on_features:  # Self-labeling fine-tunes the whole network on images, as in SCAN.
         for layer in head_backbone(representation, settings.head_features).layers:
             layer.trainable = True
-        kind = strong_augmentation_kind(settings.strong_augmentation, settings.augmentation)
-        augmentations = (None, create_data_augmentation(kind, settings.seed + 11))
+    augmentations = self_labeling_views(head_inputs, settings)
     history = run.cache.trained_model(
         "self_labeling", run.fingerprints["self_labeling"], "self-labeling", clustering.model,
         lambda backup_dir: run_self_labeling(
@@ -846,6 +752,12 @@ votes always from the same weights: when the encoder learned after mining, the t
 Each cluster gets the majority label of its images; its accuracy is the share of its images with that label. The
 overall accuracy is the size-weighted mean. Beyond the tutorial, the SCAN paper's metrics: the accuracy of the best
 one-to-one matching of clusters to classes (Hungarian), NMI and ARI, for each split (`scan/metrics.py`).
+
+### Save what says where each image went
+
+Not in the tutorial (`scan/reports.py`): `clusters.csv`, a contact sheet per cluster, `report.html` and, with
+SORT_INTO, the images sorted into one folder per cluster, written after `metrics.json`: they can fail for reasons
+outside the model (a full disk, a name the disk refuses), and such a failure is one error line that says what was kept.
 """
 
 
@@ -876,11 +788,10 @@ def analyse_clusters(run, data, preprocessing, representation, neighbours, clust
     )
     if cluster_count is not None:  # metrics.json and report.html show the sweep.
         report["cluster_count"] = cluster_count._asdict()
-    splits = {
-        "train": evaluate_split(
-            "train", "the images trained on", clustering_probs, labels, class_names, run.figure_path
-        )
-    }
+    train_scores = evaluate_split(
+        "train", "the images trained on", clustering_probs, labels, class_names, run.figure_path
+    )
+    splits = {"train": train_scores}
     assigned = [("train", train, clustering_probs)]
     if evaluated is not None:
         eval_probs = predict(evaluated.images)
@@ -894,25 +805,6 @@ def analyse_clusters(run, data, preprocessing, representation, neighbours, clust
 
 
 """
-### Save what says where each image went
-
-Not in the tutorial: `clusters.csv`, a contact sheet per cluster, `report.html` and, with SORT_INTO, the images
-sorted into one folder per cluster. They are written after `metrics.json`, as they can fail for reasons outside the
-model (a full disk, a name the disk refuses): such a failure is one error line that says what was kept.
-"""
-
-
-def save_cluster_outputs(run, data, analysis):
-    """Writes clusters.csv, the contact sheets and report.html (with the figures this run drew) and sorts the
-    images (SORT_INTO); then prints the RESULT line, even when one of them failed."""
-    split = data.evaluated()[0]
-    scores, title = {**analysis.splits[split], "split": split}, f"The clusters of {data.train.source}"
-    names = ("clusters.csv", "clusters", "report.html")
-    with result_last(result_line(split, analysis.splits[split], run.settings.num_clusters)):
-        save_assignments(run.settings, analysis.assigned, names, title, analysis.report, scores, run.figures)
-
-
-"""
 ## Assign new images
 
 Not in the tutorial: new images (ASSIGN_DATA) go into the clusters learned before, training nothing. Every stage
@@ -921,8 +813,8 @@ comes from the stage cache, so the model that assigns is the one the training ru
 
 
 def assign_images(run, data, preprocessing):
-    """Puts the new images (`data.new`) into the clusters that these settings learned on this data before; prints the cluster
-    sizes; writes assigned.csv, assigned/cluster-NN.jpg and assigned.html; returns the sizes."""
+    """Puts the new images (`data.new`) into the clusters that these settings learned on this data before; prints the
+    cluster sizes; writes assigned.csv, assigned/cluster-NN.jpg and assigned.html; returns the sizes."""
     settings, new = run.settings, data.new
     run.cache.reuse_only = True
     print(f"\n## Assign {display_name(settings.assign_data)} to the clusters learned before (nothing is trained)")
@@ -938,17 +830,7 @@ def assign_images(run, data, preprocessing):
     predict = cluster_predictor(
         settings, preprocessing, representation, neighbours, clustering, data.train, train_probabilities
     )
-    probabilities = predict(new.images)
-    sizes = np.bincount(assign_clusters(probabilities)[0], minlength=settings.num_clusters)
-    for cluster, size in enumerate(sizes):
-        print("cluster", cluster, ":", size)
-    names, title = ("assigned.csv", "assigned", "assigned.html"), f"{new.source} in the clusters learned before"
-    with result_last(f"RESULT split=assigned images={len(new.images)} clusters={settings.num_clusters}"):
-        save_assignments(settings, [("assigned", new, probabilities)], names, title, {"cluster_sizes": sizes.tolist()})
-        print(
-            f"assigned {len(new.images)} images of {display_name(new.source)}: see assigned.html, assigned.csv and assigned/"
-        )
-    return {"assigned": len(new.images), "cluster_sizes": sizes.tolist()}
+    return save_new_assignments(settings, new, predict(new.images))
 
 
 """

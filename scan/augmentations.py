@@ -54,6 +54,29 @@ def create_data_augmentation(kind, seed, output_size=None, crop_area=CROP_AREA):
     )
 
 
+def sized_view_layers(augmentation_kind, normalization, size, seed, crop_area=CROP_AREA):
+    """The preprocessing and the augmentation of views of side `size`: the augmentation resamples each view to that
+    side (from a crop of `crop_area`, a share of the image, with "simclr"), the already adapted `normalization` follows."""
+    preprocessing = keras.Sequential([layers.Resizing(size, size), normalization])
+    return preprocessing, create_data_augmentation(augmentation_kind, seed, size, crop_area)
+
+
+def simclr_view_layers(settings, data_preprocessing, data_augmentation):
+    """The (preprocessing, augmentation) of SimCLR's full views and of its SMALL_VIEWS ((None, None) without them).
+    The full views are `data_preprocessing`'s and `data_augmentation`'s, or VIEW_SIZE-sided when it is set; the small
+    views are SMALL_VIEW_SIZE-sided, drawn by augmentations of their own from crops of a moderate area
+    (SMALL_VIEW_CROP_AREA); all are normalised by `data_preprocessing`'s already adapted normalisation layer."""
+    views, small_views = (data_preprocessing, data_augmentation), (None, None)
+    normalization = data_preprocessing.layers[-1]
+    if settings.view_size:
+        views = sized_view_layers(settings.augmentation, normalization, settings.view_size, settings.seed)
+    if settings.small_views:
+        small_views = sized_view_layers(
+            settings.augmentation, normalization, settings.small_view_size, settings.seed + 21, SMALL_VIEW_CROP_AREA
+        )
+    return views, small_views
+
+
 class ImageAugmentation(layers.Layer):
     """Random augmentation of raw [0, 255] images: one batched affine resampling, then colour operations.
 

@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse
 from sklearn.cluster import KMeans
 
+from scan.cache import StageCache
 from scan.reports import plt, save_figure
 
 # The version of the sweep's method, part of its cache fingerprint: a changed method sweeps again.
@@ -37,6 +38,13 @@ class ClusterCount(NamedTuple):
     scores: list  # the modularity of each candidate's split
     chosen: int  # the number the run clusters into
     runners_up: list  # the next best numbers, best first (at most two)
+
+
+def planned_count_line(num_clusters):
+    """The line that says, before training, how many clusters the run learns: NUM_CLUSTERS, or (0) chosen later."""
+    if num_clusters:
+        return f"clusters: {num_clusters} (--num_clusters=0 chooses the number from the data)"
+    return "clusters: chosen from the data once the neighbours are mined (--num_clusters=N to set it)"
 
 
 def candidate_counts(num_images):
@@ -123,3 +131,29 @@ def plot_cluster_count(count, path):
     axis.set_title("How many clusters (higher is better)")
     axis.legend()
     save_figure(figure, path)
+
+
+def choose_num_clusters(run, neighbours):
+    """Scores each candidate number of clusters on the neighbours' features and graph (or reuses the cached sweep),
+    prints a line per candidate and the number chosen, sets the run's NUM_CLUSTERS to it; saves cluster_count.png.
+    Returns the ClusterCount."""
+    settings = run.settings
+    counts = candidate_counts(len(neighbours.indices))
+    print(
+        f"k-means into {counts[0]} to {counts[-1]} clusters, each split scored by its modularity on the neighbour "
+        "graph (the share of neighbour links inside clusters, against chance)"
+    )
+    fingerprint = StageCache.fingerprint(
+        run.fingerprints["neighbours"], "cluster_count", {"seed": settings.seed, "counts": counts, "method": METHOD}
+    )
+    scores = run.cache.array(
+        "cluster_count", fingerprint, "cluster count",
+        lambda: score_counts(neighbours.feature_vectors, neighbours.indices, counts, settings.seed),
+        later_stages_follow=False,  # The chosen number is in the later stages' fingerprints.
+    )  # fmt: skip
+    count = choose_count(counts, scores)
+    print("\n".join(sweep_lines(count)))
+    run.set_num_clusters(count.chosen)
+    run.fingerprints["cluster_count"] = fingerprint  # --prune_cache keeps the sweep
+    plot_cluster_count(count, run.figure_path("cluster_count.png"))
+    return count

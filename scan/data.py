@@ -364,3 +364,17 @@ def load_assign_data(path, input_size, seed, fit):
         return load_dataset(path, input_size, 0, seed, fit)
     except UsageError as error:
         raise UsageError(str(error).replace(f"--data={path}", f"--assign_data={path}")) from None
+
+
+def describe_data(dataset, eval_set):
+    """Prints what a run learns on, the Dataset `dataset`: its source, the tutorial's x_data and y_data shapes and its
+    classes; and what it evaluates: the Dataset `eval_set`, or (None) the training images themselves."""
+    x_data, y_data, classes = dataset.images, dataset.labels, dataset.class_names
+    print(f"data: {display_name(dataset.source)}")
+    print("x_data shape:", x_data.shape, "- y_data shape:", None if y_data is None else y_data.shape)
+    if classes is not None:
+        print(f"{len(classes)} classes: {', '.join(display_name(name) for name in classes)}")
+    if eval_set is not None:
+        print(f"evaluation data: {display_name(eval_set.source)} (never trained on)")
+    else:
+        print("evaluation data: the training images (set --holdout_images or --eval_data to hold images out)")

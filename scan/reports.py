@@ -337,3 +337,29 @@ def save_assignments(settings, assigned, names, title, report, scores=None, figu
             settings.sort_into, [(images, probs) for _, images, probs in assigned], settings.sort_copies
         )
         print(display_name(sorted_line))
+
+
+def save_cluster_outputs(run, data, analysis):
+    """Writes clusters.csv, the contact sheets and report.html (with the figures this run drew) and sorts the
+    images (SORT_INTO); then prints the RESULT line, even when one of them failed."""
+    split = data.evaluated()[0]
+    scores, title = {**analysis.splits[split], "split": split}, f"The clusters of {data.train.source}"
+    names = ("clusters.csv", "clusters", "report.html")
+    with result_last(result_line(split, analysis.splits[split], run.settings.num_clusters)):
+        save_assignments(run.settings, analysis.assigned, names, title, analysis.report, scores, run.figures)
+
+
+def save_new_assignments(settings, new, probabilities):
+    """ASSIGN_DATA's outputs: prints the cluster sizes of the new images (the Dataset `new`, their cluster
+    `probabilities`); writes assigned.csv, assigned/cluster-NN.jpg and assigned.html; then prints the RESULT line.
+    Returns what the run records."""
+    sizes = np.bincount(assign_clusters(probabilities)[0], minlength=settings.num_clusters)
+    for cluster, size in enumerate(sizes):
+        print("cluster", cluster, ":", size)
+    names, title = ("assigned.csv", "assigned", "assigned.html"), f"{new.source} in the clusters learned before"
+    with result_last(f"RESULT split=assigned images={len(new.images)} clusters={settings.num_clusters}"):
+        save_assignments(settings, [("assigned", new, probabilities)], names, title, {"cluster_sizes": sizes.tolist()})
+        print(
+            f"assigned {len(new.images)} images of {display_name(new.source)}: see assigned.html, assigned.csv and assigned/"
+        )
+    return {"assigned": len(new.images), "cluster_sizes": sizes.tolist()}

@@ -10,9 +10,11 @@ the label-free SCAN loss or emptied a cluster that had confident images.
 import keras
 import numpy as np
 
+from scan.augmentations import FeatureViews, create_data_augmentation, strong_augmentation_kind
 from scan.backend import gather_replicas, replica_share
 from scan.batches import RowBatches, predict_in_full_batches
 from scan.losses import scan_head_losses, self_label_loss
+from scan.metrics import split_metrics
 from scan.models import clustering_logits_model
 from scan.training import create_optimizer, train
 
@@ -61,6 +63,33 @@ def self_labeling_verdict(before, after, neighbour_indices, threshold):
     if loss_after > loss_before:
         return False, f"it raised the SCAN loss from {loss_before:.4f} to {loss_after:.4f}"
     return True, f"the SCAN loss went from {loss_before:.4f} to {loss_after:.4f} and no cluster was emptied"
+
+
+def scores_before(model, split, dataset, batch_size):
+    """The accuracy, NMI and ARI of `model` on the evaluated `split`'s Dataset before self-labeling, printed (SCAN
+    reports them, so that the stage's own gain or loss shows); None without labels."""
+    if dataset.labels is None:
+        return None
+    probabilities = predict_in_full_batches(model, dataset.images, batch_size)
+    before = split_metrics(probabilities, dataset.labels, dataset.class_names)[0]
+    del before["matching"]
+    print(
+        f"self-labeling starts from: {split} split accuracy {before['acc']:.2%}, "
+        f"NMI {before['nmi']:.4f}, ARI {before['ari']:.4f}"
+    )
+    return before
+
+
+def self_labeling_views(head_inputs, settings):
+    """The augmentations (own view, strong view) that self-labeling learns on: on images, STRONG_AUGMENTATION's strong
+    view; on cached features with FEATURE_VIEWS, the strong view drawn among them; on cached features alone, none
+    (no augmentation can vary them)."""
+    if not head_inputs.on_features:
+        kind = strong_augmentation_kind(settings.strong_augmentation, settings.augmentation)
+        return None, create_data_augmentation(kind, settings.seed + 11)
+    if isinstance(head_inputs.augmentation, FeatureViews):
+        return FeatureViews(draw=False), FeatureViews(seed=settings.seed + 11)
+    return None, None
 
 
 def run_self_labeling(clustering_model, head_inputs, augmentations, settings, backup_dir, neighbour_indices=None):

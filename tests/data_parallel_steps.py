@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 import scan_cifar10 as script  # noqa: E402
 from conftest import class_image  # noqa: E402
-from scan.augmentations import SMALL_VIEW_CROP_AREA, ImageAugmentation  # noqa: E402
+from scan.augmentations import SMALL_VIEW_CROP_AREA, ImageAugmentation, sized_view_layers  # noqa: E402
 from scan.backend import start_data_parallel  # noqa: E402
 from scan.batches import DeviceRows, RowBatches  # noqa: E402
 from scan.losses import ClustersConsistencyLoss, ClustersEntropyLoss  # noqa: E402
@@ -53,7 +53,7 @@ def build(stage):
     if stage == "representation_vicreg":
         # VICReg's batch statistics and its expander's batch norm over the global batch, with 2 small views of 8 px.
         preprocessing = script.create_data_preprocessing(SIZE, IMAGES)
-        small = script.sized_view_layers("simclr", preprocessing.layers[-1], 8, 2, SMALL_VIEW_CROP_AREA)
+        small = sized_view_layers("simclr", preprocessing.layers[-1], 8, 2, SMALL_VIEW_CROP_AREA)
         learner = script.RepresentationLearner(
             create_encoder("small", 16), 8, 2, preprocessing, augmentation, projection_head="vicreg",
             pretext_loss="vicreg", small_views=2, small_view_preprocessing=small[0], small_view_augmentation=small[1],

@@ -13,7 +13,7 @@ from keras import ops
 
 import scan_cifar10 as script
 from conftest import make_image_folder
-from scan.augmentations import SMALL_VIEW_CROP_AREA, random_resized_crop_transforms
+from scan.augmentations import SMALL_VIEW_CROP_AREA, random_resized_crop_transforms, sized_view_layers
 from scan.cache import STAGE_SETTINGS, stage_fingerprints
 from scan.losses import nt_xent_loss, vicreg_covariance, vicreg_invariance, vicreg_loss, vicreg_variance
 from scan.models import create_encoder, create_projection_head
@@ -163,11 +163,9 @@ def learner(pretext_loss, small_views, projection_head="mlp"):
     images = np.random.default_rng(9).uniform(0, 255, (6, 16, 16, 3)).astype("float32")
     preprocessing = script.create_data_preprocessing(16, images)
     normalization = preprocessing.layers[-1]
-    small = (
-        script.sized_view_layers("simclr", normalization, 8, 1, SMALL_VIEW_CROP_AREA) if small_views else (None, None)
-    )
+    small = sized_view_layers("simclr", normalization, 8, 1, SMALL_VIEW_CROP_AREA) if small_views else (None, None)
     return images, script.RepresentationLearner(
-        create_encoder("small", 8), 12, 2, *script.sized_view_layers("simclr", normalization, 12, 0),
+        create_encoder("small", 8), 12, 2, *sized_view_layers("simclr", normalization, 12, 0),
         temperature=0.3, projection_head=projection_head, pretext_loss=pretext_loss, small_views=small_views,
         small_view_preprocessing=small[0], small_view_augmentation=small[1],
     )  # fmt: skip
@@ -191,9 +189,7 @@ def test_the_learner_takes_full_then_small_views_of_the_batch_view_by_view(prete
 def test_small_views_have_their_side_and_crops_of_a_moderate_area():
     images = np.random.default_rng(11).uniform(0, 255, (6, 16, 16, 3)).astype("float32")
     preprocessing = script.create_data_preprocessing(16, images)
-    view_preprocessing, augmentation = script.sized_view_layers(
-        "simclr", preprocessing.layers[-1], 8, 1, SMALL_VIEW_CROP_AREA
-    )
+    view_preprocessing, augmentation = sized_view_layers("simclr", preprocessing.layers[-1], 8, 1, SMALL_VIEW_CROP_AREA)
     assert tuple(ops.shape(view_preprocessing(augmentation(images, training=True)))) == (6, 8, 8, 3)
     # Each crop's width and height as shares of the image: their product is the crop's area.
     transforms = ops.convert_to_numpy(
