@@ -90,7 +90,10 @@ def test_keep_best_epoch_logs_each_epochs_scan_loss_restores_the_lowest_and_surv
         logs = {"loss": 1.0}
         callback.on_epoch_end(epoch, logs)
         probabilities = ops.convert_to_numpy(head(FEATURES)).astype("float64")
-        np.testing.assert_allclose(logs["scan_loss"], scan_loss_reference(probabilities, NEIGHBOURS), rtol=1e-4)
+        # The loss is -log of float32 dot products: near a loss of 0 (the consistent epoch's 1e-5) its error is float32's
+        # resolution at 1 (about 1e-7), not a share of the loss; atol allows that, rtol the larger losses' rounding.
+        reference = scan_loss_reference(probabilities, NEIGHBOURS)
+        np.testing.assert_allclose(logs["scan_loss"], reference, rtol=1e-4, atol=1e-6)
         losses[epoch] = logs["scan_loss"]
     callback.on_train_end()
     np.testing.assert_allclose(head.layers[0].get_weights()[0], CONSISTENT[0])
