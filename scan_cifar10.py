@@ -31,12 +31,12 @@ and docs/gpu-recipe.md):
 - the tutorial's defaults (60,000 images: mirrored copies of 10,000 in place of its 10,000 test images; 50 + 50 epochs),
   JAX 0.11.2, one NVIDIA H100: 4.9 minutes, 25.05 % overall majority-label accuracy (the tutorial's log: 25.3 %), while
   Keras decayed weights by 1e-7 a step, not the tutorial's 1e-4 (docs/settings.md, "Weight decay"; unmeasured since);
-- `--recipe=cpu --data=path/to/cifar10-train-jpeg`, TensorFlow 2.21, a 2-core CPU, 2026-11-30: 17.4 minutes, 48.94 %
-  Hungarian accuracy (NMI 0.352, ARI 0.259) on 10,000 held-out images (self-labeling, since dropped from the recipe,
-  was undone by its guard); three SimCLR seeds with nine clustering draws each: 46.6 % on average;
-- `--recipe=gpu --data=path/to/cifar10-train-jpeg`, JAX 0.11.2, one NVIDIA H200: about 5.1 minutes summed from the
-  stages of two runs, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out images (SCAN reaches
-  81.8-88.3 % after hours).
+- `--recipe=cpu --data=path/to/cifar10-train-jpeg --num_clusters=10`, TensorFlow 2.21, a 2-core CPU, 2026-11-30:
+  17.4 minutes, 48.94 % Hungarian accuracy (NMI 0.352, ARI 0.259) on 10,000 held-out images (self-labeling, since
+  dropped from the recipe, was undone by its guard); three SimCLR seeds, nine clustering draws each: 46.6 % on average;
+- `--recipe=gpu --data=path/to/cifar10-train-jpeg --num_clusters=10`, JAX 0.11.2, one NVIDIA H200: about 5.1
+  minutes summed from the stages of two runs, 56.79 % Hungarian accuracy (NMI 0.445, ARI 0.358) on 10,000 held-out
+  images (SCAN reaches 81.8-88.3 % after hours).
 """
 
 import math
