@@ -110,7 +110,8 @@ def screen(name, settings, arguments):
         keras.mixed_precision.set_global_policy("float32")
         keras.backend.clear_session()
     simclr_seconds, held_out = metrics["timings_seconds"]["representation_learning"], metrics["splits"]["eval"]
-    draws = [held_out.get("acc")] + [clustering_draw(argv, seed)["acc"] for seed in range(1, arguments.draws + 1)]
+    draws = [held_out.get("acc")]  # No labels, no accuracy: no draws.
+    draws += [clustering_draw(argv, seed)["acc"] for seed in range(1, arguments.draws + 1) if draws[0] is not None]
     return {
         **row,
         "SimCLR min": simclr_seconds / 60,
@@ -157,8 +158,10 @@ def table_row(row):
     cells = []
     for column in COLUMNS:
         value = row[column]
-        if column == "draws":
-            cells.append(f"{np.mean(value):.2%} ({min(value):.2%}-{max(value):.2%}, {len(value)})")
+        if column == "draws":  # None where the held-out images have no labels
+            cells.append(
+                "n/a" if None in value else f"{np.mean(value):.2%} ({min(value):.2%}-{max(value):.2%}, {len(value)})"
+            )
         elif column in ("purity", "kNN", "held-out acc", "head acc"):
             cells.append("n/a" if value is None else f"{value:.2%}")
         elif isinstance(value, float):
