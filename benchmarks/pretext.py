@@ -7,10 +7,10 @@ OUTPUT_DIR, `--resume=false`). Per candidate it prints one row as soon as it is 
 per epoch (the stage's time over its epochs, the first step's tracing included), the neighbours' label purity, the
 held-out images' weighted kNN accuracy (encoder features) and their Hungarian accuracy (the clusters the recipe
 assigns; with `--draws=N`, also their mean, lowest and highest over the run's clustering stage and N more, seeds 1
-to N, each on the candidate's cached encoder: one draw of that stage varies by 3-5 points), and the rate of a
-4096x4096 float32 matrix product measured just before the candidate (`benchmarks/matmul_rate.py`): shared machines
-change speed from hour to hour, so compare minutes only beside that rate. A short schedule ranks the pretext
-choices, it does not measure them: give the best a full run.
+to N (N+1 in place of the run's own), each on the candidate's cached encoder: one draw of that stage varies by 3-5
+points), and the rate of a 4096x4096 float32 matrix product measured just before the candidate
+(`benchmarks/matmul_rate.py`): shared machines change speed from hour to hour, so compare minutes only beside that
+rate. A short schedule ranks the pretext choices, it does not measure them: give the best a full run.
 
 Run from the repository root:
 
@@ -76,7 +76,8 @@ def parse_arguments(argv=None):
     )
     parser.add_argument(
         "--draws", type=int, default=0,
-        help="clustering stages more per candidate, seeds 1 to N, on its cached encoder (issue 41: nine draws in all)",
+        help="clustering stages more per candidate, seeds 1 to N (N+1 in place of the run's own seed), on its cached "
+        "encoder (issue 41: nine draws in all)",
     )  # fmt: skip
     parser.add_argument("--output_dir", default="outputs/pretext", help="one folder per candidate inside it")
     arguments = parser.parse_args(argv)
@@ -111,7 +112,9 @@ def screen(name, settings, arguments):
         keras.backend.clear_session()
     simclr_seconds, held_out = metrics["timings_seconds"]["representation_learning"], metrics["splits"]["eval"]
     draws = [held_out.get("acc")]  # No labels, no accuracy: no draws.
-    draws += [clustering_draw(argv, seed)["acc"] for seed in range(1, arguments.draws + 1) if draws[0] is not None]
+    if draws[0] is not None:  # seeds 1, 2, ... other than the run's own, whose draw is the run's
+        seeds = [seed for seed in range(1, arguments.draws + 2) if seed != metrics["settings"]["seed"]]
+        draws += [clustering_draw(argv, seed)["acc"] for seed in seeds[: arguments.draws]]
     return {
         **row,
         "SimCLR min": simclr_seconds / 60,
