@@ -62,7 +62,7 @@ import numpy as np
 from keras import layers, ops
 
 from scan.augmentations import create_data_augmentation, simclr_view_layers
-from scan.backend import CompilationLog, gather_replicas, replica_share, set_up_devices
+from scan.backend import CompilationLog, gather_replicas, replica_share, set_up_devices, xla_on_cpu
 from scan.batches import DeviceRows, RowBatches, hold_on_device
 from scan.cache import STAGE_SETTINGS, data_fingerprint
 from scan.cluster_count import choose_num_clusters, planned_count_line
@@ -486,7 +486,7 @@ def learn_representation(run, data, preprocessing):
         remedy = f"lower --representation_learning_rate{temperature}"
         return train(
             representation_learner, batches, epochs, optimizer, backup_dir, "representation learning", remedy,
-            settings.checkpoint_seconds,
+            settings.checkpoint_seconds, jit_compile=xla_on_cpu(representation_learner, epochs * len(batches)),
         )  # fmt: skip
 
     history = run.cache.trained_model(

@@ -5,7 +5,8 @@ import keras
 import numpy as np
 import pytest
 
-from scan.backend import CompilationLog, resolve_data_on_device
+import scan.backend
+from scan.backend import CompilationLog, resolve_data_on_device, xla_on_cpu
 from scan.batches import DeviceRows, RowBatches, predict_in_full_batches
 
 
@@ -124,3 +125,48 @@ def test_compilation_log_counts_each_step_and_the_loads_from_the_cache():
         "from_cache": 1,
         "steps": {"train_step": 1, "predict_step": 1},
     }
+
+
+def tiny_simclr_learner(augmentation_kind):
+    """The script's SimCLR learner on 16x16 images: the small encoder, two views of `augmentation_kind`."""
+    import scan_cifar10 as script
+    from scan.augmentations import create_data_augmentation
+    from scan.models import create_encoder
+
+    images = np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), dtype=np.uint8)
+    learner = script.RepresentationLearner(
+        create_encoder("small", 8), 8, 2, script.create_data_preprocessing(16, images),
+        create_data_augmentation(augmentation_kind, seed=1), temperature=0.5, projection_head="mlp",
+        pretext_loss="ntxent",
+    )  # fmt: skip
+    learner(images[:2].astype("float32"))
+    return learner, images
+
+
+def test_xla_is_asked_for_on_a_tensorflow_cpu_only_for_a_long_stage_of_layers_that_compile(monkeypatch):
+    learner, _ = tiny_simclr_learner("simclr")
+    # The tutorial's Keras layers: RandomZoom and RandomTranslation do not compile.
+    tutorial_layers, _ = tiny_simclr_learner("tutorial-layers")
+    monkeypatch.setattr(scan.backend.keras.backend, "backend", lambda: "tensorflow")
+    monkeypatch.setattr(scan.backend, "find_gpus", lambda: [])
+    assert xla_on_cpu(learner, 1000) is True
+    assert xla_on_cpu(learner, 999) == "auto"  # too short to win back the compiling
+    assert xla_on_cpu(learner, 50, min_steps=50) is True
+    assert xla_on_cpu(tutorial_layers, 10**6) == "auto"
+    monkeypatch.setattr(scan.backend, "find_gpus", lambda: [("NVIDIA H100", (9, 0))])
+    assert xla_on_cpu(learner, 10**6) == "auto"  # Keras's "auto" already compiles on a TensorFlow GPU
+    monkeypatch.setattr(scan.backend, "find_gpus", lambda: [])
+    monkeypatch.setattr(scan.backend.keras.backend, "backend", lambda: "jax")
+    assert xla_on_cpu(learner, 10**6) == "auto"  # JAX compiles every step anyway
+
+
+def test_a_simclr_step_compiled_by_xla_trains_on_this_backend():
+    learner, images = tiny_simclr_learner("simclr")
+    learner.compile(optimizer=keras.optimizers.AdamW(1e-2), jit_compile=xla_on_cpu(learner, 2, min_steps=2))
+    if keras.backend.backend() == "tensorflow" and not scan.backend.find_gpus():
+        assert learner.jit_compile is True
+    before = [keras.ops.convert_to_numpy(weight) for weight in learner.encoder.trainable_weights]
+    history = learner.fit(images.astype("float32"), epochs=2, batch_size=8, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"])) and len(history.history["loss"]) == 2
+    after = learner.encoder.trainable_weights
+    assert all(not np.allclose(old, keras.ops.convert_to_numpy(new)) for old, new in zip(before, after, strict=True))

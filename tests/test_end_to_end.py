@@ -163,6 +163,8 @@ def test_tiny_run_prints_the_report_and_writes_every_output(tmp_path, image_fold
         assert steps["neighbours"] == {"predict_step": 2}  # the encoder's embeddings, then the mining of all anchors
     else:
         assert "training images: 0 MiB, copied batch by batch" in out
+        # Op by op: a stage of a few steps would not win back XLA's compiling on a TensorFlow CPU (xla_on_cpu).
+        assert "representation learning: training step not XLA-compiled (jit_compile=False)" in out
     assert "x_data shape: (24, 32, 32, 3) - y_data shape: (24,)" in out
     sizes = [
         int(size) for size in re.findall(r"^cluster (\d+) : (\d+)$", out, flags=re.MULTILINE) for size in [size[1]]
