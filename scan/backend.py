@@ -1,5 +1,6 @@
 """The engine-specific code, kept in one place: which devices the Keras backend sees, mixed precision, whether the
-training rows stay on the device, JAX's compilation cache and its log, and data parallelism.
+training rows stay on the device, XLA for SimCLR on a TensorFlow CPU, JAX's compilation cache and its log, and data
+parallelism.
 
 With several GPUs (`DISTRIBUTION`), every stage splits each global batch (the stages' batch sizes and
 `EMBEDDING_BATCH_SIZE`) evenly over them, so a run's math does not change with the device count. JAX compiles one
@@ -83,7 +84,7 @@ def resolve_data_on_device(setting, num_bytes, backend, memory_bytes):
     return backend == "jax" and (memory_bytes is None or num_bytes <= memory_bytes / 4)
 
 
-XLA_MIN_STEPS = 1000  # a TensorFlow CPU compiles a SimCLR step in 10-20 s; a stage this long wins that back
+XLA_MIN_STEPS = 500  # a TensorFlow CPU compiles a SimCLR step in 4-10 s; a stage this long wins that back
 
 
 def xla_on_cpu(model, num_steps, min_steps=XLA_MIN_STEPS):
@@ -93,7 +94,7 @@ def xla_on_cpu(model, num_steps, min_steps=XLA_MIN_STEPS):
 
     Keras leaves a TensorFlow CPU op by op, which there made the cpu recipe's SimCLR step about twice as slow: 480-590
     ms against 250-380 ms compiled (2 cores, 2026-12-07). The clustering head's step took 8 ms either way, so only
-    SimCLR asks for it.
+    SimCLR asks for it. Tiny runs (the tests') stay op by op: for a few dozen steps compiling costs more than it saves.
     """
     on_tensorflow_cpu = keras.backend.backend() == "tensorflow" and not find_gpus()
     compiles = all(layer.supports_jit for layer in layers_within(model))

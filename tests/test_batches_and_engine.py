@@ -149,8 +149,8 @@ def test_xla_is_asked_for_on_a_tensorflow_cpu_only_for_a_long_stage_of_layers_th
     tutorial_layers, _ = tiny_simclr_learner("tutorial-layers")
     monkeypatch.setattr(scan.backend.keras.backend, "backend", lambda: "tensorflow")
     monkeypatch.setattr(scan.backend, "find_gpus", lambda: [])
-    assert xla_on_cpu(learner, 1000) is True
-    assert xla_on_cpu(learner, 999) == "auto"  # too short to win back the compiling
+    assert xla_on_cpu(learner, 500) is True
+    assert xla_on_cpu(learner, 499) == "auto"  # too short to win back the compiling
     assert xla_on_cpu(learner, 50, min_steps=50) is True
     assert xla_on_cpu(tutorial_layers, 10**6) == "auto"
     monkeypatch.setattr(scan.backend, "find_gpus", lambda: [("NVIDIA H100", (9, 0))])
