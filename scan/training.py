@@ -192,9 +192,9 @@ def train(
     jit_compile="auto",
 ):
     """Every stage's training: compiles `model` with `optimizer` (and `loss`, where the model does not compute its
-    own; `jit_compile` as Keras takes it), then `model.fit` on `batches` (RowBatches) from the last epoch saved in `backup_dir`, saving at most every
-    `checkpoint_seconds`; returns the history of all `epochs`. `callbacks` run before the checkpoint, so the logs
-    they add are in the history.
+    own) and `jit_compile` (as Keras takes it), then `model.fit` on `batches` (RowBatches) from the last epoch saved
+    in `backup_dir`, saving at most every `checkpoint_seconds`; returns the history of all `epochs`. `callbacks` run
+    before the checkpoint, so the logs they add are in the history.
 
     Raises UsageError naming the stage, the epoch and `remedy` when a loss becomes NaN or infinite, and Terminated
     once the epoch during which `termination` (a TerminationRequest) was requested is saved.
