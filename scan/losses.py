@@ -11,12 +11,20 @@ from keras import ops
 from scan.backend import gather_replicas, replica_share
 
 
+def normalize_rows(vectors, epsilon=1e-7):
+    """The rows of `vectors` [N, dims] at unit length, as `keras.ops.normalize` scales them (1 / max(norm, epsilon)),
+    with a finite gradient at a zero row on every engine. keras.ops.normalize caps rsqrt(0) = inf after the fact, which
+    XLA's gradient turns into NaN: a projection row of zeros (a dead ReLU layer before a zero bias) then made a whole
+    compiled SimCLR step NaN, where op by op it had trained on."""
+    return vectors * ops.rsqrt(ops.maximum(ops.sum(ops.square(vectors), axis=-1, keepdims=True), epsilon**2))
+
+
 def tutorial_contrastive_loss(feature_vectors, batch_size, temperature, l2_normalize):
     """The tutorial's contrastive loss, quirks kept, averaged over the rows of the logits matrix."""
     num_augmentations = ops.shape(feature_vectors)[0] // batch_size
     feature_vectors = ops.cast(feature_vectors, "float32")  # Losses stay float32 under mixed precision.
     if l2_normalize:
-        feature_vectors = ops.normalize(feature_vectors, axis=-1)
+        feature_vectors = normalize_rows(feature_vectors)
     # The logits shape is [num_augmentations * batch_size, num_augmentations * batch_size].
     logits = ops.matmul(feature_vectors, ops.transpose(feature_vectors)) / temperature
     # Tutorial quirk: the max is taken without keepdims, so column j is shifted by the max of row j.
@@ -34,10 +42,10 @@ def nt_xent_loss(feature_vectors, batch_size, temperature, small_views=None):
     positives are the full views of its image, its negatives the other images' full views. Small views are never
     candidates, so the full views' rows are those of NT-Xent without them.
     """
-    full = ops.normalize(ops.cast(feature_vectors, "float32"), axis=-1)
+    full = normalize_rows(ops.cast(feature_vectors, "float32"))
     anchors = full
     if small_views is not None:
-        anchors = ops.concatenate([full, ops.normalize(ops.cast(small_views, "float32"), axis=-1)], axis=0)
+        anchors = ops.concatenate([full, normalize_rows(ops.cast(small_views, "float32"))], axis=0)
     num_views, num_anchor_views = ops.shape(full)[0] // batch_size, ops.shape(anchors)[0] // batch_size
     # The logits shape is [num_anchor_views * batch_size, num_views * batch_size].
     logits = ops.matmul(anchors, ops.transpose(full)) / temperature

@@ -1,5 +1,6 @@
 """Each loss against an independent numpy formula of the tutorial's definition, on random inputs."""
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -81,8 +82,10 @@ def test_entropy_loss_is_zero_for_uniform_clusters():
 
 
 def nt_xent_reference(features, batch_size, temperature):
-    """NT-Xent written out in numpy, row by row: the other view is the one positive, self is excluded."""
-    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    """NT-Xent written out in numpy, row by row: the other view is the one positive, self is excluded; a zero row,
+    which has no direction, stays zero."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    features = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
     similarities = features @ features.T / temperature
     losses = []
     for row in range(len(features)):
@@ -96,6 +99,20 @@ def test_nt_xent_matches_a_row_by_row_numpy_reference():
     features = np.random.default_rng(4).normal(size=(10, 7))
     actual = nt_xent_loss(ops.convert_to_tensor(features.astype("float32")), 5, 0.2)
     np.testing.assert_allclose(ops.convert_to_numpy(actual), nt_xent_reference(features, 5, 0.2), rtol=1e-4)
+
+
+def test_a_compiled_nt_xent_step_trains_on_through_a_row_of_zeros():
+    # A projection row of zeros (every ReLU before a zero bias dead) has no direction: NT-Xent sees it at similarity 0
+    # to every view. keras.ops.normalize's gradient there is NaN under XLA, which made a whole compiled step NaN.
+    inputs = np.random.default_rng(9).normal(size=(6, 5)).astype("float32")
+    inputs[2] = 0.0
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, use_bias=False)])
+    before = ops.convert_to_numpy(model.weights[0])
+    model.compile(optimizer="sgd", loss=lambda _, projections: nt_xent_loss(projections, 3, 0.5), jit_compile=True)
+    loss = model.train_on_batch(inputs, np.zeros((6, 4), "float32"))
+    np.testing.assert_allclose(loss, nt_xent_reference(inputs.astype("float64") @ before, 3, 0.5), rtol=1e-4)
+    assert np.all(np.isfinite(ops.convert_to_numpy(model.weights[0])))
+    assert not np.allclose(ops.convert_to_numpy(model.weights[0]), before)
 
 
 def test_nt_xent_on_a_case_with_a_known_answer():
